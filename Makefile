@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make run` and `make test`. `make help` lists the rest.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Ray and MLflow defaults for a local machine: no Ray token file in ~/.ray, no telemetry.
+export RAY_AUTH_MODE ?= disabled
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test lint plan bench mlflow-ui docker clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv and install (fast when nothing changed)
+
+# torch + torchvision first, as a pair, so no other package's range pulls another torch build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch torchvision
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: setup ## train BERT smoke on 2 CPU workers (embedded Ray, MLflow in ./mlflow.db)
+	$(BIN)/python -m launcher scale=smoke
+
+test: setup ## lint, type-check and run the tests (unit + integration)
+	$(BIN)/ruff check launcher recipes tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q tests
+
+plan: setup ## show the plan for BERT on 8x8 80 GB GPUs at global batch 8192 (no training)
+	$(BIN)/python -m launcher action=plan cluster.nodes=8 cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 batch.global_batch=8192
+
+bench: setup ## benchmarks on CPU -> bench/results/*.json and a table
+	$(BIN)/python bench/run.py
+
+mlflow-ui: setup ## open the local MLflow store at http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+docker: ## build the image (needs a Docker engine)
+	docker build -t launcher:latest .
+
+clean: ## remove outputs, local MLflow store and caches (keeps .venv)
+	rm -rf outputs mlflow.db mlruns .pytest_cache .mypy_cache .ruff_cache bench/results/*.tmp

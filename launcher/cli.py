@@ -1,0 +1,134 @@
+"""``python -m launcher [group=choice ...] [key=value ...]``: compose, validate, dispatch.
+
+The only module that imports Hydra. It composes ``conf/config.yaml`` with the command-line
+overrides, checks every key before anything heavy is imported (no torch, no Ray), then
+hands a typed ``Config`` to the action: ``plan`` prints the plan and exits, ``train``
+launches it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.config import Config, ConfigError, check_override_keys, unknown_choice, validate
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+HIDDEN_GROUPS = {"recipe_scale"}  # selected by interpolation, not by the user
+
+USAGE = """usage: python -m launcher [group=choice ...] [key=value ...]
+
+groups:   recipe={recipes}  scale={scales}  cluster={clusters}  tracking={trackings}  engine={engines}
+actions:  action=train (default) | action=plan [plan.format=json]
+
+examples:
+  python -m launcher scale=smoke                         # BERT smoke run on 2 CPU workers
+  python -m launcher action=plan cluster.nodes=8 cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 \\
+      batch.global_batch=8192                            # what 64 GPUs would do, without them
+  python -m launcher train.max_steps=100 optim.lr=3e-4    # pin steps and lr
+
+Every key is listed in conf/config.yaml and conf/<group>/*.yaml; see README.md.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE.format(**{f"{g}s": "|".join(_choices(g)) for g in ("recipe", "scale", "cluster", "tracking", "engine")}))
+        return 0
+    started = time.perf_counter()
+    try:
+        cfg = load(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    timings = {"config_s": time.perf_counter() - started}
+    try:
+        if cfg.action == "plan":
+            return _plan(cfg)
+        from launcher.launch import train
+
+        return train(cfg, timings)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def load(overrides: list[str]) -> Config:
+    """Compose the config with Hydra and validate it; raise ConfigError with every problem."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError([f"cannot parse the command line: {e}"]) from None
+    groups = {d.name for d in CONF_DIR.iterdir() if d.is_dir()} - HIDDEN_GROUPS
+    errors: list[str] = []
+    recipe = "bert"
+    keys = []
+    for o in parsed:
+        key = o.key_or_group
+        if key in HIDDEN_GROUPS or key.startswith("hydra"):
+            errors.append(f"{key}: set by the launcher itself; not an override")
+        elif key in groups:
+            value = o.value()
+            if not isinstance(value, str) or value not in _choices(key):
+                errors.append(unknown_choice(key, str(value), _choices(key)))
+            elif key == "recipe":
+                recipe = value
+        elif not o.is_add():
+            keys.append(key)
+    errors += check_override_keys(keys, recipe)
+    if errors:
+        raise ConfigError(errors)
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="launcher"):
+            composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except HydraException as e:
+        raise ConfigError([str(e).splitlines()[0]]) from None
+    choices = {k: v for k, v in composed.hydra.runtime.choices.items() if not k.startswith("hydra") and v}
+    with open_dict(composed):
+        del composed["hydra"]
+    raw: Any = OmegaConf.to_container(composed, resolve=True)
+    raw["choices"] = {k: str(v) for k, v in choices.items() if k not in HIDDEN_GROUPS}
+    return validate(raw)
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _plan(cfg: Config) -> int:
+    """``action=plan``: the plan for the described hardware, printed; Ray is never started."""
+    from launcher.memory import detect_hardware, memory_profile
+    from launcher.planner import PlanError, describe, plan, request_from_config
+    from recipes import RECIPES
+
+    try:
+        hw = detect_hardware(cfg.cluster)
+        p = plan(request_from_config(cfg), hw, memory_profile(cfg, RECIPES[cfg.recipe.name]))
+    except PlanError as e:
+        raise ConfigError(e.errors) from None
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    if cfg.plan.format == "json":
+        print(json.dumps(p.to_dict(), indent=2))
+    else:
+        print(describe(p))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

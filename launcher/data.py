@@ -1,0 +1,60 @@
+"""Which samples each rank reads at each step: a position in one global sample stream.
+
+The stream is the concatenation of per-epoch permutations (seeded by run seed + epoch).
+Step ``s`` consumes stream positions ``[s * G, (s + 1) * G)`` for global batch ``G``;
+rank ``r`` takes the ``r``-th contiguous share and splits it into its micro-batches.
+So the data position is just the step, the set of samples in a step does not depend on
+the world size or the micro-batch, and every sample is used once per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class StepBatches(Sampler[list[int]]):
+    """Yields this rank's micro-batches (lists of indices) from ``start_step`` on, forever.
+
+    An index is ``epoch * n + sample`` so a dataset can vary augmentation or masking by
+    epoch; ``i % n`` is the sample.
+    """
+
+    def __init__(
+        self, n: int, *, micro: int, accum: int, world: int, rank: int, seed: int, start_step: int = 0
+    ) -> None:
+        if n < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.micro, self.accum, self.world, self.rank = n, micro, accum, world, rank
+        self.seed, self.start_step = seed, start_step
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def indices(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches at ``step``."""
+        per_rank = self.micro * self.accum
+        first = step * per_rank * self.world + self.rank * per_rank
+        out = []
+        for j in range(self.accum):
+            batch = []
+            for pos in range(first + j * self.micro, first + (j + 1) * self.micro):
+                epoch, k = divmod(pos, self.n)
+                batch.append(epoch * self.n + int(self._order(epoch)[k]))
+            out.append(batch)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            yield from self.indices(step)
+            step += 1
+
+    def __len__(self) -> int:  # infinite stream; DataLoader only needs a number
+        return 2**62

@@ -1,0 +1,180 @@
+"""The generic training loop: any recipe, any world size, read top to bottom.
+
+Batch arithmetic (see launcher/planner.py): each optimizer step consumes ``global_batch =
+micro_batch x grad_accum x world_size`` samples. A recipe's model returns loss *sums*
+(e.g. summed cross-entropy over masked tokens); the loop divides each by the number of
+units (tokens, sentences, images) in the whole global batch, counted before the first
+micro-step and all-reduced once. Because DDP averages gradients over ranks, each rank
+scales its loss by the world size. The result is the gradient of the global-batch mean,
+exactly, however the batch is split and however many tokens each micro-batch holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launcher.planner import Plan
+from launcher.tracking import Tracker
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to; the worker fills them in (Ray reports, checkpoints)."""
+
+    report: Callable[[int, dict[str, float]], None]  # every log step, on every rank
+    checkpoint: Callable[[int, dict[str, float]], None]  # every checkpoint step, on every rank
+    print: Callable[[str], None]  # rank 0's console; a no-op elsewhere
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[Batch],
+    count: Callable[[Batch], dict[str, int]],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    grad_clip: float | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One optimizer step over this rank's micro-batches; returns (local loss sums, global counts)."""
+    keys = sorted(count(micro_batches[0]))
+    local = torch.tensor([[count(b)[k] for k in keys] for b in micro_batches], dtype=torch.float64).sum(0)
+    totals = dict(zip(keys, all_sum(local.to(device)).clamp(min=1), strict=True))
+    world = world_size()
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        final = i == len(micro_batches) - 1
+        no_sync = getattr(model, "no_sync", None)
+        with (nullcontext() if final or no_sync is None else no_sync()), autocast(device, precision):
+            out = model(to_device(batch, device))
+            loss = sum(out[k] / totals[k] for k in out) * world
+        loss.backward()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach().double()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, {k: totals[k] for k in sums}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: list[Batch], count: Callable[[Batch], dict[str, int]], device: torch.device,
+    precision: str, keys: list[str],
+) -> dict[str, float]:
+    """Mean of each metric in ``keys`` (as the model returns it in eval mode) over all ranks' shares."""
+    module = getattr(model, "module", model)  # no DDP forward: ranks may hold different counts
+    module.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for batch in batches:
+        with autocast(device, precision):
+            out = module(to_device(batch, device))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0.0) + count(batch)[k]
+    module.train()
+    both = all_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys],
+                                dtype=torch.float64, device=device))
+    n = len(keys)
+    return {f"eval_{k}": float(both[i] / max(both[n + i], 1)) for i, k in enumerate(keys)}
+
+
+def run(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterator[Batch],
+    eval_batches: Callable[[], list[Batch]],
+    count: Callable[[Batch], dict[str, int]],
+    eval_keys: list[str],
+    plan: Plan,
+    start_step: int,
+    device: torch.device,
+    precision: str,
+    grad_clip: float | None,
+    log_every: int,
+    eval_every: int,
+    checkpoint_every: int,
+    tracker: Tracker,
+    hooks: Hooks,
+) -> dict[str, float]:
+    """Train from ``start_step`` to ``plan.max_steps``; returns the last metrics."""
+    window: dict[str, torch.Tensor] = {}
+    window_counts: dict[str, torch.Tensor] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    metrics: dict[str, float] = {}
+    model.train()
+    for step in range(start_step, plan.max_steps):
+        micro = [next(batches) for _ in range(plan.grad_accum)]
+        sums, totals = train_step(model, optimizer, micro, count, device=device, precision=precision,
+                                  grad_clip=grad_clip)
+        scheduler.step()
+        for k in sums:
+            window[k] = window.get(k, 0) + sums[k]
+            window_counts[k] = window_counts.get(k, 0) + totals[k]
+        window_steps += 1
+        done = step + 1
+        last = done == plan.max_steps
+
+        if done % log_every == 0 or last:
+            keys = sorted(window)
+            reduced = all_sum(torch.stack([window[k] for k in keys]))
+            elapsed = time.perf_counter() - window_start
+            metrics = {k: float(reduced[i] / window_counts[k]) for i, k in enumerate(keys)}
+            metrics["loss"] = sum(metrics[k] for k in keys)
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["samples_per_s"] = plan.global_batch * window_steps / elapsed
+            metrics["grad_accum"] = plan.grad_accum
+            tracker.log_metrics(metrics, done)
+            parts = " ".join(f"{k} {metrics[k]:.3f}" for k in keys)
+            eta = (plan.max_steps - done) * elapsed / window_steps
+            hooks.print(f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({parts}) | "
+                        f"lr {metrics['lr']:.3g} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s")
+            hooks.report(done, metrics)
+            window, window_counts, window_steps = {}, {}, 0
+            window_start = time.perf_counter()
+
+        if (eval_every and done % eval_every == 0) or last:
+            results = evaluate(model, eval_batches(), count, device, precision, eval_keys)
+            tracker.log_metrics(results, done)
+            hooks.print(f"eval at step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            metrics.update(results)
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+
+        if (checkpoint_every and done % checkpoint_every == 0) or last:
+            hooks.checkpoint(done, metrics)
+            window_start = time.perf_counter()
+    return metrics

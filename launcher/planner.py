@@ -1,0 +1,585 @@
+"""Pure planning: memory -> micro-batch/accumulation -> lr/warmup/steps -> optimizer/norm/ZeRO.
+
+No torch, Ray, MLflow, Hydra, files or clocks: a ``Request`` (what the task asks for), a
+``Hardware`` (what it runs on) and a ``MemoryProfile`` (what one sample and the model cost)
+go in, a ``Plan`` with one human reason per decision comes out. ``docs/planner.md``
+tabulates every rule with its source.
+
+The arithmetic, in one place:
+
+    usable     = device_memory * (1 - headroom)
+    state      = model states per device (params + grads + optimizer; ZeRO shards some)
+    max_micro  = floor((usable - state) / per_sample)        [2^k below it if power_of_two]
+    global     = micro * accum * world                        [exact whenever possible]
+    lr         = lr_ref * (global / global_ref)               [linear; sqrt: ** 0.5; none: 1]
+    max_steps  = ceil(max_steps_ref * global_ref / global)    [same samples seen]
+    warmup     = round(warmup_ref * global_ref / global)      [same warmup samples]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from launcher.config import Config
+
+EPS = 1e-9  # guards floor() against binary fractions: (24 - 4) / 0.2 is 99.99999999999999
+
+
+class PlanError(ValueError):
+    """A request that cannot be planned; each line names the config key to change."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("cannot plan:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Anchor:
+    global_batch: int
+    lr: float
+    warmup_steps: int | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reference:
+    """Published hyper-parameters of a recipe (see conf/recipe/*.yaml for sources)."""
+
+    global_batch: int
+    lr: float
+    warmup_steps: int
+    max_steps: int
+    optimizer: str  # sgd | adamw
+    weight_decay: float = 0.0
+    lr_rule: str = "linear"  # linear | sqrt | none
+    schedule: str = "linear"
+    milestones: tuple[float, ...] = ()
+    devices: int = 8
+    large_batch_optimizer: str | None = None  # lars | lamb
+    large_batch_threshold: int | None = None
+    uses_batchnorm: bool = False
+    norm_policy: str = "sync_bn"  # sync_bn | group_norm | frozen_bn
+    anchors: tuple[Anchor, ...] = ()
+    source: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    reference: Reference
+    global_batch: int | None = None  # batch.global_batch
+    micro_batch: int | None = None  # batch.micro_batch (None = auto)
+    scale_with_world: bool = False  # batch.scale_with_world
+    lr: float | None = None  # optim.lr (pins)
+    lr_rule: str = "auto"  # planner.lr_rule
+    warmup_steps: int | None = None  # train.warmup_steps (pins)
+    max_steps: int | None = None  # train.max_steps (pins)
+    max_epochs: float | None = None  # train.max_epochs (needs dataset_size)
+    dataset_size: int | None = None  # training samples per epoch, when known
+    weight_decay: float | None = None  # optim.weight_decay
+    headroom: float = 0.1  # planner.headroom
+    power_of_two: bool = False  # planner.power_of_two
+    bn_min_group: int = 32  # planner.bn_min_group
+    engine: str = "ddp"  # engine.name
+    zero_stage: int | None = None  # engine.zero_stage (None = auto)
+    grad_clip: float | None = None  # train.grad_clip (for the DeepSpeed config)
+    precision: str = "auto"  # train.precision: auto (bf16 on CUDA) | fp32 | bf16
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    nodes: int
+    devices_per_node: int
+    device_memory_gb: float
+    device: str = "cuda"  # cuda | cpu
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryProfile:
+    """Bytes one device needs, in GB: model states split three ways, and one sample."""
+
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    per_sample_gb: float
+    source: str  # override | probe | estimate
+    detail: str = ""
+
+    @property
+    def model_gb(self) -> float:
+        return self.params_gb + self.grads_gb + self.optimizer_gb
+
+    @classmethod
+    def from_total(cls, model_gb: float, per_sample_gb: float, source: str, detail: str = "") -> MemoryProfile:
+        """Split a total the way fp32 Adam does (params 1 : grads 1 : two moments 2)."""
+        return cls(
+            params_gb=model_gb / 4,
+            grads_gb=model_gb / 4,
+            optimizer_gb=model_gb / 2,
+            per_sample_gb=per_sample_gb,
+            source=source,
+            detail=detail or "total split as fp32 Adam: params 1/4, grads 1/4, moments 1/2",
+        )
+
+
+@dataclass(kw_only=True)
+class Plan:
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    target_global_batch: int
+    max_micro_batch: int
+    lr: float
+    lr_rule: str
+    warmup_steps: int
+    max_steps: int
+    schedule: str
+    milestones: list[int]
+    optimizer: str
+    weight_decay: float
+    norm: str
+    zero_stage: int
+    engine: str
+    memory: dict[str, Any]
+    reasons: list[str] = field(default_factory=list)
+    deepspeed: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
+    """Plan a task on hardware; every number in the result has a reason."""
+    _check_inputs(req, hw, mem)
+    ref = req.reference
+    reasons: list[str] = []
+    world = hw.world_size
+    reasons.append(
+        f"world size {world} = {hw.nodes} node(s) x {hw.devices_per_node} {hw.device} device(s)"
+    )
+
+    target = _target_global(req, world, reasons)
+    zero = _zero_stage(req, hw, mem, reasons)
+    state_gb = _state_per_device(mem, zero, world)
+    usable = hw.device_memory_gb * (1 - req.headroom)
+    max_micro = _max_micro(req, hw, mem, state_gb, usable, reasons)
+    micro, accum = _split(req, target, world, max_micro, reasons)
+    global_batch = micro * accum * world
+    lr, rule = _lr(req, global_batch, reasons)
+    max_steps, warmup = _steps(req, global_batch, reasons)
+    optimizer = _optimizer(req, global_batch, reasons)
+    norm = _norm(req, micro, world, reasons)
+    weight_decay = ref.weight_decay if req.weight_decay is None else req.weight_decay
+    milestones = [max(1, round(f * max_steps)) for f in ref.milestones]
+    if ref.schedule == "step" and milestones:
+        reasons.append(f"lr steps x0.1 at {milestones} (reference fractions {list(ref.milestones)} of max_steps)")
+
+    p = Plan(
+        world_size=world,
+        micro_batch=micro,
+        grad_accum=accum,
+        global_batch=global_batch,
+        target_global_batch=target,
+        max_micro_batch=max_micro,
+        lr=lr,
+        lr_rule=rule,
+        warmup_steps=warmup,
+        max_steps=max_steps,
+        schedule=ref.schedule,
+        milestones=milestones,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        norm=norm,
+        zero_stage=zero,
+        engine=req.engine,
+        memory={
+            "source": mem.source,
+            "detail": mem.detail,
+            "device_memory_gb": hw.device_memory_gb,
+            "usable_gb": round(usable, 4),
+            "model_gb": round(mem.model_gb, 4),
+            "model_state_per_device_gb": round(state_gb, 4),
+            "per_sample_gb": mem.per_sample_gb,
+            "headroom": req.headroom,
+        },
+        reasons=reasons,
+    )
+    if req.engine == "deepspeed":
+        p.deepspeed = deepspeed_config(p, req, hw)
+    return p
+
+
+def deepspeed_config(p: Plan, req: Request, hw: Hardware) -> dict[str, Any]:
+    """The DeepSpeed config implied by a plan: batch sizes are the plan's, never re-typed."""
+    cfg: dict[str, Any] = {
+        "train_batch_size": p.global_batch,
+        "train_micro_batch_size_per_gpu": p.micro_batch,
+        "gradient_accumulation_steps": p.grad_accum,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": req.precision == "bf16" or (req.precision == "auto" and hw.device == "cuda")},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if req.grad_clip:
+        cfg["gradient_clipping"] = req.grad_clip
+    return cfg
+
+
+# --- the rules, each small and each appending its reason ------------------------------
+
+
+def _check_inputs(req: Request, hw: Hardware, mem: MemoryProfile) -> None:
+    errors = []
+    positive = {
+        "cluster.nodes": hw.nodes,
+        "cluster.gpus_per_node (or cluster.num_workers)": hw.devices_per_node,
+        "cluster.gpu_memory_gb": hw.device_memory_gb,
+        "planner.memory.per_sample_gb": mem.per_sample_gb,
+        "recipe.reference.global_batch": req.reference.global_batch,
+        "recipe.reference.lr": req.reference.lr,
+        "recipe.reference.max_steps": req.reference.max_steps,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            errors.append(f"{key}: got {value!r}, expected a number > 0")
+    if mem.model_gb <= 0:
+        errors.append(f"planner.memory.model_gb: got {mem.model_gb!r}, expected a number > 0")
+    if not 0 <= req.headroom < 1:
+        errors.append(f"planner.headroom: got {req.headroom!r}, expected a fraction in [0, 1)")
+    for key, value in {"batch.global_batch": req.global_batch, "batch.micro_batch": req.micro_batch}.items():
+        if value is not None and value < 1:
+            errors.append(f"{key}: got {value!r}, expected an integer >= 1")
+    if req.max_epochs is not None and req.max_steps is not None:
+        errors.append("train.max_epochs and train.max_steps are both set: keep one")
+    if errors:
+        raise PlanError(errors)
+
+
+def _target_global(req: Request, world: int, reasons: list[str]) -> int:
+    ref = req.reference
+    base = req.global_batch or ref.global_batch
+    origin = "batch.global_batch" if req.global_batch else f"the reference ({ref.source or 'recipe'})"
+    if req.scale_with_world:
+        target = max(1, round(base * world / ref.devices))
+        reasons.append(
+            f"target global batch {target} = {base} x {world}/{ref.devices} devices "
+            "(batch.scale_with_world=true: batch grows with the world, as detectron2's auto_scale_workers)"
+        )
+    else:
+        target = base
+        reasons.append(
+            f"target global batch {target} from {origin}; it does not depend on the device count "
+            "(batch.scale_with_world=false)"
+        )
+    if target < world:
+        raise PlanError(
+            [
+                f"batch.global_batch: global batch {target} is smaller than the world size {world}: "
+                f"every device needs at least one sample; use >= {world} or fewer workers "
+                "(cluster.num_workers / cluster.gpus_per_node)"
+            ]
+        )
+    return target
+
+
+def _state_per_device(mem: MemoryProfile, stage: int, world: int) -> float:
+    """Model-state memory on one device under ZeRO stage 0-3 (Rajbhandari et al. 2020)."""
+    p, g, o = mem.params_gb, mem.grads_gb, mem.optimizer_gb
+    if stage == 0:
+        return p + g + o
+    if stage == 1:
+        return p + g + o / world
+    if stage == 2:
+        return p + (g + o) / world
+    return (p + g + o) / world
+
+
+def _zero_stage(req: Request, hw: Hardware, mem: MemoryProfile, reasons: list[str]) -> int:
+    usable = hw.device_memory_gb * (1 - req.headroom)
+    world = hw.world_size
+    fits = [s for s in range(4) if _state_per_device(mem, s, world) + mem.per_sample_gb <= usable + EPS]
+    need = (
+        f"model states {mem.model_gb:.3g} GB + one sample {mem.per_sample_gb:.3g} GB "
+        f"vs {usable:.3g} GB usable ({hw.device_memory_gb:g} GB x (1 - headroom {req.headroom:g}))"
+    )
+    if req.engine == "ddp":
+        if 0 in fits:
+            return 0
+        hint = (
+            f"engine=deepspeed would fit with ZeRO stage {fits[0]} over {world} devices"
+            if fits
+            else "no ZeRO stage fits either: add devices or use a smaller model"
+        )
+        raise PlanError([f"planner.memory.model_gb: does not fit one device: {need}; {hint}"])
+    if req.zero_stage is not None:
+        if req.zero_stage not in fits:
+            raise PlanError([f"engine.zero_stage: stage {req.zero_stage} does not fit: {need}"])
+        reasons.append(f"ZeRO stage {req.zero_stage} pinned by engine.zero_stage")
+        return req.zero_stage
+    if not fits:
+        raise PlanError([f"planner.memory.model_gb: does not fit even with ZeRO stage 3: {need}"])
+    stage = fits[0]
+    if stage == 0:
+        reasons.append(f"ZeRO stage 0: model states fit one device ({need})")
+    else:
+        reasons.append(
+            f"ZeRO stage {stage}: the lowest stage whose sharded model states "
+            f"({_state_per_device(mem, stage, world):.3g} GB/device) fit; unsharded they need {need}"
+        )
+    return stage
+
+
+def _max_micro(
+    req: Request, hw: Hardware, mem: MemoryProfile, state_gb: float, usable: float, reasons: list[str]
+) -> int:
+    raw = math.floor((usable - state_gb) / mem.per_sample_gb + EPS)
+    text = (
+        f"max micro-batch {raw} = floor(({hw.device_memory_gb:g} GB x (1 - {req.headroom:g}) - "
+        f"{state_gb:.4g} GB model states) / {mem.per_sample_gb:.4g} GB per sample), memory from {mem.source}"
+    )
+    if raw < 1:
+        raise PlanError(
+            [f"planner.memory.per_sample_gb: not one sample fits beside the model states: {text}"]
+        )
+    bound = raw
+    if req.power_of_two:
+        bound = 1 << (raw.bit_length() - 1)
+        text += f", rounded down to the power of two {bound} (planner.power_of_two)"
+    reasons.append(text)
+    return bound
+
+
+def _split(req: Request, target: int, world: int, max_micro: int, reasons: list[str]) -> tuple[int, int]:
+    """micro x accum x world == target when possible, else the nearest; says which."""
+    if req.micro_batch is not None:
+        if req.micro_batch > max_micro:
+            raise PlanError(
+                [
+                    f"batch.micro_batch: pinned to {req.micro_batch}, above the memory bound "
+                    f"{max_micro}; use batch.micro_batch=auto or <= {max_micro}"
+                ]
+            )
+        candidates = [req.micro_batch]
+    else:  # a micro-batch above the per-device share of the target is never useful
+        cap = min(max_micro, math.ceil(target / world))
+        step = [1 << k for k in range(cap.bit_length())] if req.power_of_two else range(1, cap + 1)
+        candidates = list(step)
+
+    def cost(micro: int) -> tuple[int, int, int]:
+        accum = max(1, round(target / (micro * world)))
+        return (abs(micro * accum * world - target), accum, -micro)
+
+    best = min(candidates, key=cost)
+    accum = max(1, round(target / (best * world)))
+    got = best * accum * world
+    pinned = " (pinned by batch.micro_batch)" if req.micro_batch is not None else ""
+    if got == target:
+        reasons.append(
+            f"micro-batch {best}{pinned} x accumulation {accum} x world {world} = global {got}, exactly the target"
+        )
+        if req.micro_batch is None and best * 4 <= max_micro and accum > 1:
+            reasons.append(
+                f"note: the only exact split uses micro {best}, well below the memory bound {max_micro}; "
+                f"a global batch divisible by {world} x {max_micro} would run faster"
+            )
+    else:
+        reasons.append(
+            f"no split of {target} into micro <= {max_micro} x accumulation x world {world} is exact; "
+            f"nearest is micro {best}{pinned} x accumulation {accum} x {world} = {got} "
+            f"({(got - target) / target:+.1%} vs target)"
+        )
+    return best, accum
+
+
+def _lr(req: Request, global_batch: int, reasons: list[str]) -> tuple[float, str]:
+    ref = req.reference
+    if req.lr is not None:
+        reasons.append(f"lr {req.lr:g} pinned by optim.lr (no scaling applied)")
+        return req.lr, "pinned"
+    for a in ref.anchors:
+        if a.global_batch == global_batch and req.lr_rule == "auto":
+            reasons.append(f"lr {a.lr:g} from the published anchor at global batch {global_batch} ({a.source})")
+            return a.lr, "anchor"
+    rule = ref.lr_rule if req.lr_rule == "auto" else req.lr_rule
+    k = global_batch / ref.global_batch
+    factor = {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[rule]
+    lr = ref.lr * factor
+    why = {
+        "linear": "linear scaling rule (Goyal et al. 2017)",
+        "sqrt": "square-root scaling for adaptive optimizers (Krizhevsky 2014; You et al. 2019)",
+        "none": "no scaling",
+    }[rule]
+    origin = "recipe default" if req.lr_rule == "auto" else "planner.lr_rule"
+    reasons.append(
+        f"lr {lr:.6g} = {ref.lr:g} x {factor:.4g} for global {global_batch} vs reference {ref.global_batch}: "
+        f"{why} ({origin})"
+    )
+    return lr, rule
+
+
+def _steps(req: Request, global_batch: int, reasons: list[str]) -> tuple[int, int]:
+    ref = req.reference
+    k = ref.global_batch / global_batch
+    warmup_fraction = ref.warmup_steps / ref.max_steps
+    if req.max_steps is not None:
+        max_steps = req.max_steps
+        reasons.append(f"max_steps {max_steps} pinned by train.max_steps")
+    elif req.max_epochs is not None and req.dataset_size:
+        max_steps = max(1, math.ceil(req.max_epochs * req.dataset_size / global_batch))
+        reasons.append(
+            f"max_steps {max_steps} = ceil({req.max_epochs:g} epochs x {req.dataset_size} samples / {global_batch})"
+        )
+    else:
+        max_steps = max(1, math.ceil(ref.max_steps * k))
+        reasons.append(
+            f"max_steps {max_steps} = ceil({ref.max_steps} x {ref.global_batch}/{global_batch}): "
+            "the reference's samples seen stay the same"
+        )
+        if req.max_epochs is not None:
+            reasons.append("train.max_epochs is applied once the dataset size is known (in the workers)")
+
+    anchor = next((a for a in ref.anchors if a.global_batch == global_batch and a.warmup_steps is not None), None)
+    if req.warmup_steps is not None:
+        warmup = req.warmup_steps
+        reasons.append(f"warmup {warmup} steps pinned by train.warmup_steps")
+    elif anchor is not None and req.lr is None and req.max_steps is None:
+        warmup = anchor.warmup_steps or 0
+        reasons.append(f"warmup {warmup} steps from the published anchor ({anchor.source})")
+    elif req.max_steps is not None or req.max_epochs is not None:
+        warmup = round(warmup_fraction * max_steps)
+        reasons.append(
+            f"warmup {warmup} steps = {warmup_fraction:.3g} of max_steps, the reference's warmup share "
+            f"({ref.warmup_steps}/{ref.max_steps})"
+        )
+    else:
+        warmup = round(ref.warmup_steps * k)
+        reasons.append(
+            f"warmup {warmup} steps = {ref.warmup_steps} x {ref.global_batch}/{global_batch}: same warmup samples"
+        )
+    if warmup == 0 and global_batch >= 2 * ref.global_batch and req.warmup_steps is None and req.lr is None:
+        warmup = max(1, math.ceil(max_steps * 5 / 90))
+        reasons.append(
+            f"warmup {warmup} steps added (5/90 of the run): the lr grew >= 2x over the reference, "
+            "and large-batch training diverges without gradual warmup (Goyal et al. 2017: 5 of 90 epochs)"
+        )
+    return max_steps, min(warmup, max_steps)
+
+
+def _optimizer(req: Request, global_batch: int, reasons: list[str]) -> str:
+    ref = req.reference
+    big = ref.large_batch_optimizer
+    if big and ref.large_batch_threshold and global_batch >= ref.large_batch_threshold:
+        paper = {"lamb": "You et al. 2019, LAMB: BERT at 32k-64k", "lars": "You et al. 2017, LARS"}[big]
+        reasons.append(
+            f"optimizer {big.upper()} instead of {ref.optimizer}: global batch {global_batch} >= "
+            f"{ref.large_batch_threshold}, where {ref.optimizer} is known to lose accuracy ({paper})"
+        )
+        return big
+    limit = f" (< {ref.large_batch_threshold}, the {big.upper()} threshold)" if big and ref.large_batch_threshold else ""
+    reasons.append(f"optimizer {ref.optimizer}: the reference's, global batch {global_batch}{limit}")
+    return ref.optimizer
+
+
+def _norm(req: Request, micro: int, world: int, reasons: list[str]) -> str:
+    ref = req.reference
+    if not ref.uses_batchnorm:
+        reasons.append("norm unchanged: the model has no BatchNorm")
+        return "unchanged"
+    if micro >= req.bn_min_group:
+        reasons.append(f"BatchNorm kept: {micro} samples per device >= {req.bn_min_group} per statistics group")
+        return "batch_norm"
+    policy = ref.norm_policy
+    detail = {
+        "sync_bn": f"SyncBatchNorm pools statistics over {micro} x {world} = {micro * world} samples",
+        "group_norm": "GroupNorm does not depend on the batch",
+        "frozen_bn": "frozen BN uses fixed statistics and affine weights (detectron2's default for backbones)",
+    }[policy]
+    reasons.append(
+        f"norm {policy}: {micro} samples per device < {req.bn_min_group} needed for stable BatchNorm "
+        f"statistics (Wu & He 2018); recipe policy: {detail}"
+    )
+    if policy == "sync_bn" and micro * world < req.bn_min_group:
+        reasons.append(f"warning: even synced, {micro * world} samples per statistics group is below {req.bn_min_group}")
+    return policy
+
+
+def request_from_config(cfg: Config, dataset_size: int | None = None) -> Request:
+    """The planner's request for a validated config (the key each field comes from is its name)."""
+    r = cfg.recipe.reference
+    ref = Reference(
+        global_batch=r.global_batch,
+        lr=r.lr,
+        warmup_steps=r.warmup_steps,
+        max_steps=r.max_steps,
+        optimizer=r.optimizer,
+        weight_decay=r.weight_decay,
+        lr_rule=r.lr_rule,
+        schedule=r.schedule,
+        milestones=tuple(r.milestones),
+        devices=r.devices,
+        large_batch_optimizer=r.large_batch_optimizer,
+        large_batch_threshold=r.large_batch_threshold,
+        uses_batchnorm=r.uses_batchnorm,
+        norm_policy=r.norm_policy,
+        anchors=tuple(Anchor(global_batch=a.global_batch, lr=a.lr, warmup_steps=a.warmup_steps, source=a.source)
+                      for a in r.anchors),
+        source=r.source,
+    )
+    micro = cfg.batch.micro_batch
+    return Request(
+        reference=ref,
+        global_batch=cfg.batch.global_batch,
+        micro_batch=None if micro == "auto" else int(micro),
+        scale_with_world=cfg.batch.scale_with_world,
+        lr=cfg.optim.lr,
+        lr_rule=cfg.planner.lr_rule,
+        warmup_steps=cfg.train.warmup_steps,
+        max_steps=cfg.train.max_steps,
+        max_epochs=cfg.train.max_epochs,
+        dataset_size=dataset_size,
+        weight_decay=cfg.optim.weight_decay,
+        headroom=cfg.planner.headroom,
+        power_of_two=cfg.planner.power_of_two,
+        bn_min_group=cfg.planner.bn_min_group,
+        engine=cfg.engine.name,
+        zero_stage=None if cfg.engine.zero_stage == "auto" else int(cfg.engine.zero_stage),
+        grad_clip=cfg.train.grad_clip,
+        precision=cfg.train.precision,
+    )
+
+
+def describe(p: Plan) -> str:
+    """The plan as a readable table followed by its reasons (what ``action=plan`` prints)."""
+    rows = [
+        ("world size", p.world_size),
+        ("global batch", f"{p.global_batch}" + ("" if p.global_batch == p.target_global_batch
+                                                 else f" (target {p.target_global_batch})")),
+        ("micro-batch / device", f"{p.micro_batch} (memory bound {p.max_micro_batch})"),
+        ("grad accumulation", p.grad_accum),
+        ("lr", f"{p.lr:.6g} ({p.lr_rule})"),
+        ("warmup steps", p.warmup_steps),
+        ("max steps", p.max_steps),
+        ("schedule", p.schedule + (f" {p.milestones}" if p.milestones else "")),
+        ("optimizer", f"{p.optimizer} (weight decay {p.weight_decay:g}, none on norm/bias)"),
+        ("norm", p.norm),
+        ("engine", p.engine + (f" ZeRO-{p.zero_stage}" if p.engine == "deepspeed" else "")),
+        ("memory", f"{p.memory['source']}: {p.memory['model_state_per_device_gb']:.3g} GB states/device, "
+                   f"{p.memory['per_sample_gb']:.3g} GB/sample, {p.memory['usable_gb']:.3g} GB usable"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["plan", "-" * 60] + [f"{k:<{width}}  {v}" for k, v in rows] + ["", "why:"]
+    lines += [f"  {i + 1:>2}. {r}" for i, r in enumerate(p.reasons)]
+    return "\n".join(lines)

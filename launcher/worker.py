@@ -1,0 +1,115 @@
+"""Per-rank setup inside a Ray Train worker: recipe parts, the plan applied, then the loop.
+
+Receives plain data only (the resolved config dict, the plan dict, the run id), never
+live objects, and never a ``${hydra:...}`` interpolation.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader
+
+from launcher import checkpoint
+from launcher.config import Config, validate
+from launcher.data import StepBatches
+from launcher.loop import Hooks, run
+from launcher.optim import build_optimizer, build_scheduler
+from launcher.planner import Plan
+from launcher.tracking import MlflowTracker, NullTracker, Tracker
+
+
+def train_loop(payload: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    cfg: Config = validate(payload["config"])
+    plan = Plan.from_dict(payload["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if world != plan.world_size:
+        raise RuntimeError(f"planned for {plan.world_size} workers, running on {world}")
+    from recipes import RECIPES
+
+    recipe = RECIPES[cfg.recipe.name]
+    torch.manual_seed(cfg.run.seed)
+    device = ray.train.torch.get_device()
+    data = recipe.build_data(cfg, Path(payload["cache_dir"]))
+
+    model = recipe.build_model(cfg)
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    raw_model = getattr(model, "module", model)
+    optimizer = build_optimizer(raw_model, plan, cfg.optim)
+    scheduler = build_scheduler(optimizer, plan)
+
+    start_step = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = checkpoint.load(Path(d))
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+
+    tracker: Tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"]) if rank == 0 else NullTracker()
+    say = print if rank == 0 else (lambda _msg: None)
+    if restored is not None:
+        say(f"resumed from the checkpoint at step {start_step}")
+
+    sampler = StepBatches(len(data.train), micro=plan.micro_batch, accum=plan.grad_accum, world=world,
+                          rank=rank, seed=cfg.run.seed, start_step=start_step)
+    loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.num_workers > 0)
+
+    def eval_batches() -> list[dict[str, torch.Tensor]]:
+        mine = list(range(rank, len(data.eval), world))  # each eval sample on exactly one rank
+        chunks = [mine[i : i + plan.micro_batch] for i in range(0, len(mine), plan.micro_batch)]
+        if cfg.train.eval_batches:
+            chunks = chunks[: cfg.train.eval_batches]
+        return [data.collate([data.eval[i] for i in c]) for c in chunks]
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        ray.train.report({**metrics, "step": step})
+
+    def save(step: int, metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                checkpoint.save(Path(tmp), {
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": checkpoint.rng_state(),
+                    "step": step,
+                    "recipe": cfg.recipe.name,
+                    "plan": {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")},
+                })
+                ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report({**metrics, "step": step})
+        say(f"checkpoint at step {step}")
+
+    run(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=iter(loader),
+        eval_batches=eval_batches,
+        count=recipe.count,
+        eval_keys=recipe.METRICS,
+        plan=plan,
+        start_step=start_step,
+        device=device,
+        precision=cfg.train.precision,
+        grad_clip=cfg.train.grad_clip,
+        log_every=cfg.train.log_every,
+        eval_every=cfg.train.eval_every,
+        checkpoint_every=cfg.train.checkpoint_every,
+        tracker=tracker,
+        hooks=Hooks(report=report, checkpoint=save, print=lambda m: say(m)),
+    )
