@@ -322,9 +322,9 @@ def _build(schema: type, raw: Any, prefix: str, errors: list[str], recipe: str) 
     for key in raw:
         if key not in names:
             full = f"{prefix}{key}"
-            if key == "_target_":
+            if key == "_target_" or _carries_target(raw[key]):
                 errors.append(
-                    f"{full}: `_target_` is not accepted anywhere in this config; objects are "
+                    f"{full}: refused: `_target_` is not accepted anywhere in this config; objects are "
                     "built by the recipes from typed fields, never from an import path"
                 )
             else:
@@ -349,6 +349,14 @@ def _build(schema: type, raw: Any, prefix: str, errors: list[str], recipe: str) 
         return schema(**values)
     except TypeError:  # a required sub-field failed; its error is already recorded
         return None
+
+
+def _carries_target(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "_target_" in value or any(_carries_target(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_carries_target(v) for v in value)
+    return False
 
 
 def _check_value(tp: Any, value: Any, key: str, errors: list[str], recipe: str) -> Any:

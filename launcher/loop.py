@@ -139,6 +139,7 @@ def run(
     model.train()
     for step in range(start_step, plan.max_steps):
         micro = [next(batches) for _ in range(plan.grad_accum)]
+        lr = scheduler.get_last_lr()[0]  # the lr this step used
         sums, totals = train_step(model, optimizer, micro, count, device=device, precision=precision,
                                   grad_clip=grad_clip)
         scheduler.step()
@@ -155,7 +156,7 @@ def run(
             elapsed = time.perf_counter() - window_start
             metrics = {k: float(reduced[i] / window_counts[k]) for i, k in enumerate(keys)}
             metrics["loss"] = sum(metrics[k] for k in keys)
-            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["lr"] = lr
             metrics["samples_per_s"] = plan.global_batch * window_steps / elapsed
             metrics["grad_accum"] = plan.grad_accum
             tracker.log_metrics(metrics, done)
