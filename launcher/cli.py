@@ -37,7 +37,11 @@ Every key is listed in conf/config.yaml and conf/<group>/*.yaml; see README.md.
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE.format(**{f"{g}s": "|".join(_choices(g)) for g in ("recipe", "scale", "cluster", "tracking", "engine")}))
+        print(
+            USAGE.format(
+                **{f"{g}s": "|".join(_choices(g)) for g in ("recipe", "scale", "cluster", "tracking", "engine")}
+            )
+        )
         return 0
     started = time.perf_counter()
     try:

@@ -6,6 +6,7 @@ it down at the end, whatever happened.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from datetime import datetime
@@ -59,12 +60,21 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
     name = cfg.run.name or f"{cfg.recipe.name}-{cfg.choices.get('scale', 'full')}-{datetime.now():%Y%m%d-%H%M%S}"
     config_dict = to_dict(cfg)
     try:
-        run_id = start_run(uri, cfg.tracking.experiment, name, config_dict, p.to_dict(),
-                           tags={"recipe": cfg.recipe.name, "scale": cfg.choices.get("scale", ""),
-                                 "world_size": str(p.world_size)})
+        run_id = start_run(
+            uri,
+            cfg.tracking.experiment,
+            name,
+            config_dict,
+            p.to_dict(),
+            tags={"recipe": cfg.recipe.name, "scale": cfg.choices.get("scale", ""), "world_size": str(p.world_size)},
+        )
     except Exception as e:  # noqa: BLE001 - any tracking failure: say where and how to fix
-        raise ConfigError([f"tracking.uri: cannot open an MLflow run at {mask(uri)}: {mask(str(e))[:300]} "
-                           "(start the server, fix tracking.uri, or unset MLFLOW_TRACKING_URI)"]) from None
+        raise ConfigError(
+            [
+                f"tracking.uri: cannot open an MLflow run at {mask(uri)}: {mask(str(e))[:300]} "
+                "(start the server, fix tracking.uri, or unset MLFLOW_TRACKING_URI)"
+            ]
+        ) from None
     print(f"mlflow: run {name} ({run_id}) in {mask(uri)}", flush=True)
 
     status = "FAILED"
@@ -78,7 +88,7 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             configure_logging=True,
         )
         timings["ray_start_s"] = time.perf_counter() - t0
@@ -110,11 +120,17 @@ def _fit(cfg: Config, p: Plan, uri: str, run_id: str, name: str, out: Path):  # 
     use_gpu = _uses_gpu(cfg)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(cfg), "plan": p.to_dict(), "run_id": run_id,
-                           "tracking_uri": uri, "cache_dir": str(out / "cache")},
+        train_loop_config={
+            "config": to_dict(cfg),
+            "plan": p.to_dict(),
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "cache_dir": str(out / "cache"),
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=p.world_size, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=p.world_size, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=f"{name}-{run_id[:8]}",
             storage_path=str(out / "ray"),

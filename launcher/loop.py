@@ -75,7 +75,7 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         final = i == len(micro_batches) - 1
         no_sync = getattr(model, "no_sync", None)
-        with (nullcontext() if final or no_sync is None else no_sync()), autocast(device, precision):
+        with nullcontext() if final or no_sync is None else no_sync(), autocast(device, precision):
             out = model(to_device(batch, device))
             loss = sum(out[k] / totals[k] for k in out) * world
         loss.backward()
@@ -90,8 +90,12 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list[Batch], count: Callable[[Batch], dict[str, int]], device: torch.device,
-    precision: str, keys: list[str],
+    model: nn.Module,
+    batches: list[Batch],
+    count: Callable[[Batch], dict[str, int]],
+    device: torch.device,
+    precision: str,
+    keys: list[str],
 ) -> dict[str, float]:
     """Mean of each metric in ``keys`` (as the model returns it in eval mode) over all ranks' shares."""
     module = getattr(model, "module", model)  # no DDP forward: ranks may hold different counts
@@ -105,10 +109,13 @@ def evaluate(
             sums[k] = sums.get(k, 0.0) + float(v)
             counts[k] = counts.get(k, 0.0) + count(batch)[k]
     module.train()
-    both = all_sum(torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys],
-                                dtype=torch.float64, device=device))
+    both = all_sum(
+        torch.tensor(
+            [sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys], dtype=torch.float64, device=device
+        )
+    )
     n = len(keys)
-    return {f"eval_{k}": float(both[i] / max(both[n + i], 1)) for i, k in enumerate(keys)}
+    return {f"eval_{k}": float(both[i] / both[n + i].clamp(min=1)) for i, k in enumerate(keys)}
 
 
 def run(
@@ -139,9 +146,10 @@ def run(
     model.train()
     for step in range(start_step, plan.max_steps):
         micro = [next(batches) for _ in range(plan.grad_accum)]
-        lr = scheduler.get_last_lr()[0]  # the lr this step used
-        sums, totals = train_step(model, optimizer, micro, count, device=device, precision=precision,
-                                  grad_clip=grad_clip)
+        lr = float(scheduler.get_last_lr()[0])  # the lr this step used
+        sums, totals = train_step(
+            model, optimizer, micro, count, device=device, precision=precision, grad_clip=grad_clip
+        )
         scheduler.step()
         for k in sums:
             window[k] = window.get(k, 0) + sums[k]
@@ -155,15 +163,17 @@ def run(
             reduced = all_sum(torch.stack([window[k] for k in keys]))
             elapsed = time.perf_counter() - window_start
             metrics = {k: float(reduced[i] / window_counts[k]) for i, k in enumerate(keys)}
-            metrics["loss"] = sum(metrics[k] for k in keys)
+            metrics["loss"] = float(sum(metrics[k] for k in keys))
             metrics["lr"] = lr
             metrics["samples_per_s"] = plan.global_batch * window_steps / elapsed
             metrics["grad_accum"] = plan.grad_accum
             tracker.log_metrics(metrics, done)
             parts = " ".join(f"{k} {metrics[k]:.3f}" for k in keys)
             eta = (plan.max_steps - done) * elapsed / window_steps
-            hooks.print(f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({parts}) | "
-                        f"lr {metrics['lr']:.3g} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s")
+            hooks.print(
+                f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({parts}) | "
+                f"lr {metrics['lr']:.3g} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s"
+            )
             hooks.report(done, metrics)
             window, window_counts, window_steps = {}, {}, 0
             window_start = time.perf_counter()

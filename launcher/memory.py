@@ -102,8 +102,11 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
     The cache (``$LAUNCHER_CACHE`` or ``~/.cache/launcher``) is keyed by the recipe section
     of the config and the torch version, so a rerun or a different cluster shape is instant.
     """
-    key = hashlib.sha256(json.dumps([cfg.recipe.name, dataclasses.asdict(cfg.recipe), torch.__version__],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            [cfg.recipe.name, dataclasses.asdict(cfg.recipe), torch.__version__], sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:16]
     cache = Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher")) / f"memory-{key}.json"
     if cache.exists():
         return MemoryProfile(**json.loads(cache.read_text()))

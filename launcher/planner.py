@@ -167,9 +167,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     ref = req.reference
     reasons: list[str] = []
     world = hw.world_size
-    reasons.append(
-        f"world size {world} = {hw.nodes} node(s) x {hw.devices_per_node} {hw.device} device(s)"
-    )
+    reasons.append(f"world size {world} = {hw.nodes} node(s) x {hw.devices_per_node} {hw.device} device(s)")
 
     target = _target_global(req, world, reasons)
     zero = _zero_stage(req, hw, mem, reasons)
@@ -259,9 +257,9 @@ def _check_inputs(req: Request, hw: Hardware, mem: MemoryProfile) -> None:
         errors.append(f"planner.memory.model_gb: got {mem.model_gb!r}, expected a number > 0")
     if not 0 <= req.headroom < 1:
         errors.append(f"planner.headroom: got {req.headroom!r}, expected a fraction in [0, 1)")
-    for key, value in {"batch.global_batch": req.global_batch, "batch.micro_batch": req.micro_batch}.items():
-        if value is not None and value < 1:
-            errors.append(f"{key}: got {value!r}, expected an integer >= 1")
+    for key, count in {"batch.global_batch": req.global_batch, "batch.micro_batch": req.micro_batch}.items():
+        if count is not None and count < 1:
+            errors.append(f"{key}: got {count!r}, expected an integer >= 1")
     if req.max_epochs is not None and req.max_steps is not None:
         errors.append("train.max_epochs and train.max_steps are both set: keep one")
     if errors:
@@ -351,9 +349,7 @@ def _max_micro(
         f"{state_gb:.4g} GB model states) / {mem.per_sample_gb:.4g} GB per sample), memory from {mem.source}"
     )
     if raw < 1:
-        raise PlanError(
-            [f"planner.memory.per_sample_gb: not one sample fits beside the model states: {text}"]
-        )
+        raise PlanError([f"planner.memory.per_sample_gb: not one sample fits beside the model states: {text}"])
     bound = raw
     if req.power_of_two:
         bound = 1 << (raw.bit_length() - 1)
@@ -488,7 +484,9 @@ def _optimizer(req: Request, global_batch: int, reasons: list[str]) -> str:
             f"{ref.large_batch_threshold}, where {ref.optimizer} is known to lose accuracy ({paper})"
         )
         return big
-    limit = f" (< {ref.large_batch_threshold}, the {big.upper()} threshold)" if big and ref.large_batch_threshold else ""
+    limit = (
+        f" (< {ref.large_batch_threshold}, the {big.upper()} threshold)" if big and ref.large_batch_threshold else ""
+    )
     reasons.append(f"optimizer {ref.optimizer}: the reference's, global batch {global_batch}{limit}")
     return ref.optimizer
 
@@ -512,7 +510,9 @@ def _norm(req: Request, micro: int, world: int, reasons: list[str]) -> str:
         f"statistics (Wu & He 2018); recipe policy: {detail}"
     )
     if policy == "sync_bn" and micro * world < req.bn_min_group:
-        reasons.append(f"warning: even synced, {micro * world} samples per statistics group is below {req.bn_min_group}")
+        reasons.append(
+            f"warning: even synced, {micro * world} samples per statistics group is below {req.bn_min_group}"
+        )
     return policy
 
 
@@ -534,8 +534,10 @@ def request_from_config(cfg: Config, dataset_size: int | None = None) -> Request
         large_batch_threshold=r.large_batch_threshold,
         uses_batchnorm=r.uses_batchnorm,
         norm_policy=r.norm_policy,
-        anchors=tuple(Anchor(global_batch=a.global_batch, lr=a.lr, warmup_steps=a.warmup_steps, source=a.source)
-                      for a in r.anchors),
+        anchors=tuple(
+            Anchor(global_batch=a.global_batch, lr=a.lr, warmup_steps=a.warmup_steps, source=a.source)
+            for a in r.anchors
+        ),
         source=r.source,
     )
     micro = cfg.batch.micro_batch
@@ -565,8 +567,11 @@ def describe(p: Plan) -> str:
     """The plan as a readable table followed by its reasons (what ``action=plan`` prints)."""
     rows = [
         ("world size", p.world_size),
-        ("global batch", f"{p.global_batch}" + ("" if p.global_batch == p.target_global_batch
-                                                 else f" (target {p.target_global_batch})")),
+        (
+            "global batch",
+            f"{p.global_batch}"
+            + ("" if p.global_batch == p.target_global_batch else f" (target {p.target_global_batch})"),
+        ),
         ("micro-batch / device", f"{p.micro_batch} (memory bound {p.max_micro_batch})"),
         ("grad accumulation", p.grad_accum),
         ("lr", f"{p.lr:.6g} ({p.lr_rule})"),
@@ -576,8 +581,11 @@ def describe(p: Plan) -> str:
         ("optimizer", f"{p.optimizer} (weight decay {p.weight_decay:g}, none on norm/bias)"),
         ("norm", p.norm),
         ("engine", p.engine + (f" ZeRO-{p.zero_stage}" if p.engine == "deepspeed" else "")),
-        ("memory", f"{p.memory['source']}: {p.memory['model_state_per_device_gb']:.3g} GB states/device, "
-                   f"{p.memory['per_sample_gb']:.3g} GB/sample, {p.memory['usable_gb']:.3g} GB usable"),
+        (
+            "memory",
+            f"{p.memory['source']}: {p.memory['model_state_per_device_gb']:.3g} GB states/device, "
+            f"{p.memory['per_sample_gb']:.3g} GB/sample, {p.memory['usable_gb']:.3g} GB usable",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["plan", "-" * 60] + [f"{k:<{width}}  {v}" for k, v in rows] + ["", "why:"]

@@ -23,7 +23,7 @@ def resolve_uri(configured: str | None) -> str:
     if not uri:
         return f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run elsewhere
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # workers run elsewhere
     return uri
 
 
@@ -66,8 +66,9 @@ class MlflowTracker:
         self.client.log_dict(self.run_id, data, name)
 
 
-def start_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], plan: dict[str, Any],
-              tags: dict[str, str]) -> str:
+def start_run(
+    uri: str, experiment: str, run_name: str, config: dict[str, Any], plan: dict[str, Any], tags: dict[str, str]
+) -> str:
     """Open the run; log params (config + plan), ``config.yaml`` and ``plan.json``; return its id."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -77,8 +78,10 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], 
     exp_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    params = {**_flatten(config), **{f"plan.{k}": v for k, v in plan.items() if k not in ("reasons", "memory",
-                                                                                         "deepspeed")}}
+    params = {
+        **_flatten(config),
+        **{f"plan.{k}": v for k, v in plan.items() if k not in ("reasons", "memory", "deepspeed")},
+    }
     items = [Param(k, mask(str(v))[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])

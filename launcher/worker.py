@@ -61,11 +61,23 @@ def train_loop(payload: dict[str, Any]) -> None:
     if restored is not None:
         say(f"resumed from the checkpoint at step {start_step}")
 
-    sampler = StepBatches(len(data.train), micro=plan.micro_batch, accum=plan.grad_accum, world=world,
-                          rank=rank, seed=cfg.run.seed, start_step=start_step)
-    loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.data.num_workers > 0)
+    sampler = StepBatches(
+        len(data.train),
+        micro=plan.micro_batch,
+        accum=plan.grad_accum,
+        world=world,
+        rank=rank,
+        seed=cfg.run.seed,
+        start_step=start_step,
+    )
+    loader = DataLoader(
+        data.train,
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+    )
 
     def eval_batches() -> list[dict[str, torch.Tensor]]:
         mine = list(range(rank, len(data.eval), world))  # each eval sample on exactly one rank
@@ -80,15 +92,18 @@ def train_loop(payload: dict[str, Any]) -> None:
     def save(step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                checkpoint.save(Path(tmp), {
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": checkpoint.rng_state(),
-                    "step": step,
-                    "recipe": cfg.recipe.name,
-                    "plan": {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")},
-                })
+                checkpoint.save(
+                    Path(tmp),
+                    {
+                        "model": raw_model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": checkpoint.rng_state(),
+                        "step": step,
+                        "recipe": cfg.recipe.name,
+                        "plan": {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")},
+                    },
+                )
                 ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report({**metrics, "step": step})

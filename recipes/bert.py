@@ -134,10 +134,13 @@ def build_data(cfg: Config, cache_dir: Path) -> Data:
             _prepare(cfg, where)
     pairs = torch.load(where / "pairs.pt", weights_only=True)
     n_eval = pairs["n_eval"]
-    common = dict(seq_len=r.seq_len, mask_prob=r.mask_prob, vocab=r.model.vocab_size, seed=cfg.run.seed)
+    def pairs_of(rows: range, fixed_masks: bool) -> Pairs:
+        return Pairs(pairs, rows, seq_len=r.seq_len, mask_prob=r.mask_prob, vocab=r.model.vocab_size,
+                     seed=cfg.run.seed, fixed_masks=fixed_masks)
+
     return Data(
-        train=Pairs(pairs, range(n_eval, len(pairs["label"])), **common),
-        eval=Pairs(pairs, range(n_eval), fixed_masks=True, **common),
+        train=pairs_of(range(n_eval, len(pairs["label"])), fixed_masks=False),
+        eval=pairs_of(range(n_eval), fixed_masks=True),
         collate=collate,
     )
 
@@ -146,7 +149,14 @@ class Pairs(Dataset):
     """Sentence pairs, masked on access. Index ``i`` is ``epoch * len + position``."""
 
     def __init__(
-        self, pairs: dict[str, Any], rows: range, *, seq_len: int, mask_prob: float, vocab: int, seed: int,
+        self,
+        pairs: dict[str, Any],
+        rows: range,
+        *,
+        seq_len: int,
+        mask_prob: float,
+        vocab: int,
+        seed: int,
         fixed_masks: bool = False,
     ) -> None:
         self.tokens, self.offsets = pairs["tokens"], pairs["offsets"]
@@ -168,8 +178,12 @@ class Pairs(Dataset):
         types = torch.cat([torch.zeros(la + 2, dtype=torch.long), torch.ones(len(b) + 1, dtype=torch.long)])
         g = torch.Generator().manual_seed(hash((self.seed, 0 if self.fixed else epoch, row)) & 0x7FFFFFFF)
         ids, labels = mask_tokens(ids, self.mask_prob, self.vocab, g)
-        return {"input_ids": ids, "token_type_ids": types, "labels": labels,
-                "next_sentence_label": torch.tensor(int(self.labels[row]))}
+        return {
+            "input_ids": ids,
+            "token_type_ids": types,
+            "labels": labels,
+            "next_sentence_label": torch.tensor(int(self.labels[row])),
+        }
 
 
 def mask_tokens(ids: torch.Tensor, prob: float, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

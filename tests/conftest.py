@@ -18,7 +18,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def launcher(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def launcher(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``python -m launcher ARGS`` as a user would, from ``cwd``."""
     return subprocess.run(
         [sys.executable, "-m", "launcher", *args],

@@ -31,8 +31,9 @@ def pairs(n: int = 8) -> list[dict[str, torch.Tensor]]:
         ids[0], ids[length // 2], ids[-1] = bert.CLS, bert.SEP, bert.SEP
         masked, labels = bert.mask_tokens(ids, 0.3, CFG.recipe.model.vocab_size, g)
         types = (torch.arange(length) > length // 2).long()
-        items.append({"input_ids": masked, "token_type_ids": types, "labels": labels,
-                      "next_sentence_label": torch.tensor(i % 2)})
+        items.append(
+            {"input_ids": masked, "token_type_ids": types, "labels": labels, "next_sentence_label": torch.tensor(i % 2)}
+        )
     return items
 
 
@@ -86,8 +87,14 @@ def test_naive_mean_of_means_would_differ() -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 

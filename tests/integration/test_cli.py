@@ -21,8 +21,14 @@ def plan_json(*args: str, cwd: Path) -> dict:
 
 def test_seed_example_24gb_card(tmp_path: Path) -> None:
     """24 GB card, 4 GB model, 0.2 GB per sample, no headroom -> max micro-batch 100."""
-    p = plan_json("cluster.gpu_memory_gb=24", "planner.memory.model_gb=4", "planner.memory.per_sample_gb=0.2",
-                  "planner.headroom=0", "batch.global_batch=100", cwd=tmp_path)
+    p = plan_json(
+        "cluster.gpu_memory_gb=24",
+        "planner.memory.model_gb=4",
+        "planner.memory.per_sample_gb=0.2",
+        "planner.headroom=0",
+        "batch.global_batch=100",
+        cwd=tmp_path,
+    )
     assert p["max_micro_batch"] == 100
     assert (p["micro_batch"], p["grad_accum"], p["global_batch"]) == (100, 1, 100)
     assert p["memory"]["source"] == "override"
@@ -30,8 +36,15 @@ def test_seed_example_24gb_card(tmp_path: Path) -> None:
 
 def test_seed_example_unet_power_of_two_and_accumulation(tmp_path: Path) -> None:
     """12 GB, 3 GB model, 0.5 GB/sample -> 18 -> 16 (power of two); target 64 -> accumulate 4."""
-    p = plan_json("cluster.gpu_memory_gb=12", "planner.memory.model_gb=3", "planner.memory.per_sample_gb=0.5",
-                  "planner.headroom=0", "planner.power_of_two=true", "batch.global_batch=64", cwd=tmp_path)
+    p = plan_json(
+        "cluster.gpu_memory_gb=12",
+        "planner.memory.model_gb=3",
+        "planner.memory.per_sample_gb=0.5",
+        "planner.headroom=0",
+        "planner.power_of_two=true",
+        "batch.global_batch=64",
+        cwd=tmp_path,
+    )
     assert p["max_micro_batch"] == 16
     assert any("max micro-batch 18" in r and "power of two 16" in r for r in p["reasons"])
     assert (p["micro_batch"], p["grad_accum"], p["global_batch"]) == (16, 4, 64)
@@ -39,17 +52,43 @@ def test_seed_example_unet_power_of_two_and_accumulation(tmp_path: Path) -> None
 
 def test_seed_example_linear_lr(tmp_path: Path) -> None:
     """Reference 64 @ 0.1 -> 256 @ 0.4 under the linear rule."""
-    p = plan_json("cluster.gpu_memory_gb=24", "planner.memory.model_gb=4", "planner.memory.per_sample_gb=0.2",
-                  "recipe.reference.global_batch=64", "recipe.reference.lr=0.1", "planner.lr_rule=linear",
-                  "batch.global_batch=256", cwd=tmp_path)
+    p = plan_json(
+        "cluster.gpu_memory_gb=24",
+        "planner.memory.model_gb=4",
+        "planner.memory.per_sample_gb=0.2",
+        "recipe.reference.global_batch=64",
+        "recipe.reference.lr=0.1",
+        "planner.lr_rule=linear",
+        "batch.global_batch=256",
+        cwd=tmp_path,
+    )
     assert p["lr"] == pytest.approx(0.4) and p["lr_rule"] == "linear" and p["global_batch"] == 256
 
 
 def test_json_has_the_documented_fields(tmp_path: Path) -> None:
-    p = plan_json("cluster.gpu_memory_gb=24", "planner.memory.model_gb=4", "planner.memory.per_sample_gb=0.2",
-                  "engine=deepspeed", cwd=tmp_path)
-    for key in ("world_size", "micro_batch", "grad_accum", "global_batch", "lr", "lr_rule", "warmup_steps",
-                "max_steps", "optimizer", "norm", "zero_stage", "memory", "reasons", "deepspeed"):
+    p = plan_json(
+        "cluster.gpu_memory_gb=24",
+        "planner.memory.model_gb=4",
+        "planner.memory.per_sample_gb=0.2",
+        "engine=deepspeed",
+        cwd=tmp_path,
+    )
+    for key in (
+        "world_size",
+        "micro_batch",
+        "grad_accum",
+        "global_batch",
+        "lr",
+        "lr_rule",
+        "warmup_steps",
+        "max_steps",
+        "optimizer",
+        "norm",
+        "zero_stage",
+        "memory",
+        "reasons",
+        "deepspeed",
+    ):
         assert key in p, key
     ds = p["deepspeed"]
     assert ds["train_batch_size"] == p["micro_batch"] * p["grad_accum"] * p["world_size"]
@@ -58,8 +97,15 @@ def test_json_has_the_documented_fields(tmp_path: Path) -> None:
 
 def test_bert_on_64_gpus_at_8192_picks_lamb(tmp_path: Path) -> None:
     """The memory profile here is the device-free estimate of BERT-base (traced on CPU)."""
-    p = launcher("action=plan", "plan.format=json", "cluster.nodes=8", "cluster.gpus_per_node=8",
-                 "cluster.gpu_memory_gb=80", "batch.global_batch=8192", cwd=tmp_path)
+    p = launcher(
+        "action=plan",
+        "plan.format=json",
+        "cluster.nodes=8",
+        "cluster.gpus_per_node=8",
+        "cluster.gpu_memory_gb=80",
+        "batch.global_batch=8192",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
     assert plan["world_size"] == 64 and plan["global_batch"] == 8192
@@ -70,8 +116,12 @@ def test_bert_on_64_gpus_at_8192_picks_lamb(tmp_path: Path) -> None:
 
 
 def test_zero_stage_when_model_states_do_not_fit(tmp_path: Path) -> None:
-    common = ["cluster.gpus_per_node=8", "cluster.gpu_memory_gb=16", "planner.memory.model_gb=40",
-              "planner.memory.per_sample_gb=0.1"]
+    common = [
+        "cluster.gpus_per_node=8",
+        "cluster.gpu_memory_gb=16",
+        "planner.memory.model_gb=40",
+        "planner.memory.per_sample_gb=0.1",
+    ]
     refused = launcher(*OVERRIDE[:2], *common, cwd=tmp_path)
     assert refused.returncode == 2
     assert "planner.memory.model_gb" in refused.stderr and "engine=deepspeed" in refused.stderr
@@ -81,8 +131,14 @@ def test_zero_stage_when_model_states_do_not_fit(tmp_path: Path) -> None:
 
 
 def test_table_output_shows_reasons(tmp_path: Path) -> None:
-    out = launcher("action=plan", "cluster.gpus_per_node=1", "cluster.gpu_memory_gb=24",
-                   "planner.memory.model_gb=4", "planner.memory.per_sample_gb=0.2", cwd=tmp_path)
+    out = launcher(
+        "action=plan",
+        "cluster.gpus_per_node=1",
+        "cluster.gpu_memory_gb=24",
+        "planner.memory.model_gb=4",
+        "planner.memory.per_sample_gb=0.2",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0
     assert "micro-batch / device" in out.stdout and "why:" in out.stdout
 
@@ -98,15 +154,20 @@ def test_table_output_shows_reasons(tmp_path: Path) -> None:
     ],
 )
 def test_bad_plan_input_names_the_key(args: list[str], key: str, tmp_path: Path) -> None:
-    base = ["cluster.gpu_memory_gb=24", "planner.memory.model_gb=4", "planner.memory.per_sample_gb=0.5",
-            "planner.headroom=0"]
+    base = [
+        "cluster.gpu_memory_gb=24",
+        "planner.memory.model_gb=4",
+        "planner.memory.per_sample_gb=0.5",
+        "planner.headroom=0",
+    ]
     out = launcher(*OVERRIDE, *base, *args, cwd=tmp_path)
     assert out.returncode == 2, out.stdout
     assert key in out.stderr
 
 
-@pytest.mark.parametrize(("arg", "suggestion"), [("recipe.modle=1", "recipe.model"),
-                                                 ("train.max_stepz=3", "train.max_steps")])
+@pytest.mark.parametrize(
+    ("arg", "suggestion"), [("recipe.modle=1", "recipe.model"), ("train.max_stepz=3", "train.max_steps")]
+)
 def test_typos_fail_fast_before_ray(arg: str, suggestion: str, tmp_path: Path) -> None:
     started = time.perf_counter()
     out = launcher(arg, cwd=tmp_path)

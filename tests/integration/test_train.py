@@ -22,8 +22,14 @@ from launcher.optim import lr_factor
 from launcher.planner import Plan
 from tests.conftest import launcher
 
-SHORT = ["scale=smoke", "train.max_steps=30", "train.log_every=5", "train.eval_every=15",
-         "train.checkpoint_every=15", "recipe.reference.warmup_steps=60"]
+SHORT = [
+    "scale=smoke",
+    "train.max_steps=30",
+    "train.log_every=5",
+    "train.eval_every=15",
+    "train.checkpoint_every=15",
+    "recipe.reference.warmup_steps=60",
+]
 
 
 def only_run(uri: str) -> tuple[MlflowClient, str]:
@@ -34,8 +40,9 @@ def only_run(uri: str) -> tuple[MlflowClient, str]:
 
 
 def test_smoke_run_is_recorded_with_plan_applied(tmp_path: Path, shared_outputs: Path) -> None:
-    out = launcher(*SHORT, "batch.micro_batch=4", f"run.output_dir={shared_outputs}", "run.name=smoke-test",
-                   cwd=tmp_path)
+    out = launcher(
+        *SHORT, "batch.micro_batch=4", f"run.output_dir={shared_outputs}", "run.name=smoke-test", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "micro-batch / device  4" in out.stdout  # the plan is printed before training
     client, run_id = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -65,8 +72,15 @@ def test_smoke_run_is_recorded_with_plan_applied(tmp_path: Path, shared_outputs:
 
 def test_tracking_uri_from_the_environment_wins(tmp_path: Path, shared_outputs: Path) -> None:
     store = tmp_path / "elsewhere.db"
-    out = launcher("scale=smoke", "train.max_steps=2", "train.log_every=1", "train.eval_batches=1",
-                   f"run.output_dir={shared_outputs}", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    out = launcher(
+        "scale=smoke",
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.eval_batches=1",
+        f"run.output_dir={shared_outputs}",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert store.exists() and not (tmp_path / "mlflow.db").exists()
     client, run_id = only_run(f"sqlite:///{store}")
@@ -84,10 +98,25 @@ def mlflow_server(tmp_path: Path):
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--workers",
+            "1",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -106,8 +135,16 @@ def mlflow_server(tmp_path: Path):
 
 
 def test_run_against_a_real_mlflow_server(tmp_path: Path, shared_outputs: Path, mlflow_server: str) -> None:
-    out = launcher("scale=smoke", "tracking=server", f"tracking.uri={mlflow_server}", "train.max_steps=4",
-                   "train.log_every=2", "train.eval_batches=1", f"run.output_dir={shared_outputs}", cwd=tmp_path)
+    out = launcher(
+        "scale=smoke",
+        "tracking=server",
+        f"tracking.uri={mlflow_server}",
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.eval_batches=1",
+        f"run.output_dir={shared_outputs}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     client, run_id = only_run(mlflow_server)
     run = client.get_run(run_id)

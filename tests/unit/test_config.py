@@ -98,7 +98,9 @@ def test_unknown_group_choice_suggests_one() -> None:
     assert "scale: unknown value 'smok'; did you mean `smoke`?" in err
 
 
-@pytest.mark.parametrize("how", ["+recipe._target_=os.system", "+_target_=builtins.eval", "+train.x._target_=os.system"])
+@pytest.mark.parametrize(
+    "how", ["+recipe._target_=os.system", "+_target_=builtins.eval", "+train.x._target_=os.system"]
+)
 def test_target_additions_are_refused(how: str, tmp_path: Path) -> None:
     errs = _errors([how])
     assert any("_target_" in e for e in errs)

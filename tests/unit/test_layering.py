@@ -23,6 +23,10 @@ def test_hydra_is_imported_only_by_the_cli() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    users = [p.relative_to(root).as_posix() for d in ("launcher", "recipes") for p in (root / d).rglob("*.py")
-             if "import hydra" in p.read_text() or "from hydra" in p.read_text()]
+    users = [
+        p.relative_to(root).as_posix()
+        for d in ("launcher", "recipes")
+        for p in (root / d).rglob("*.py")
+        if "import hydra" in p.read_text() or "from hydra" in p.read_text()
+    ]
     assert users == ["launcher/cli.py"]

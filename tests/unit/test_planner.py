@@ -77,9 +77,7 @@ def profile(model_gb: float = 1.0, per_sample_gb: float = 0.01) -> MemoryProfile
 ROOMY = profile()
 
 
-def make(
-    ref: Reference = SGD, hw: Hardware | None = None, mem: MemoryProfile = ROOMY, **request: object
-) -> Plan:
+def make(ref: Reference = SGD, hw: Hardware | None = None, mem: MemoryProfile = ROOMY, **request: object) -> Plan:
     return plan(Request(reference=ref, **request), hw or gpus(), mem)  # type: ignore[arg-type]
 
 
