@@ -44,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     started = time.perf_counter()
+    timings = {"launched_at": time.time()}
     try:
         cfg = load(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    timings = {"config_s": time.perf_counter() - started}
+    timings["config_s"] = time.perf_counter() - started
     try:
         if cfg.action == "plan":
             return _plan(cfg)

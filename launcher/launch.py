@@ -92,7 +92,7 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
             configure_logging=True,
         )
         timings["ray_start_s"] = time.perf_counter() - t0
-        result = _fit(cfg, p, uri, run_id, name, out)
+        result = _fit(cfg, p, uri, run_id, name, out, timings)
         status = "FINISHED" if result.error is None else "FAILED"
         if result.error is not None:
             print(f"training failed: {result.error}", flush=True)
@@ -111,7 +111,9 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
     return 0 if status == "FINISHED" else 1
 
 
-def _fit(cfg: Config, p: Plan, uri: str, run_id: str, name: str, out: Path):  # type: ignore[no-untyped-def]
+def _fit(  # type: ignore[no-untyped-def]
+    cfg: Config, p: Plan, uri: str, run_id: str, name: str, out: Path, timings: dict[str, float]
+):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -126,6 +128,7 @@ def _fit(cfg: Config, p: Plan, uri: str, run_id: str, name: str, out: Path):  # 
             "run_id": run_id,
             "tracking_uri": uri,
             "cache_dir": str(out / "cache"),
+            "timings": timings,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(

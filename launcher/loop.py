@@ -137,6 +137,7 @@ def run(
     checkpoint_every: int,
     tracker: Tracker,
     hooks: Hooks,
+    launched_at: float | None = None,
 ) -> dict[str, float]:
     """Train from ``start_step`` to ``plan.max_steps``; returns the last metrics."""
     window: dict[str, torch.Tensor] = {}
@@ -156,6 +157,10 @@ def run(
             window_counts[k] = window_counts.get(k, 0) + totals[k]
         window_steps += 1
         done = step + 1
+        if launched_at is not None and step == start_step:  # command -> first optimizer step
+            first = {"time_to_first_step_s": time.time() - launched_at}
+            tracker.log_metrics(first, done)
+            hooks.print(f"first optimizer step {first['time_to_first_step_s']:.1f}s after the command started")
         last = done == plan.max_steps
 
         if done % log_every == 0 or last:

@@ -24,7 +24,7 @@ from typing import Any
 
 from launcher.config import Config
 
-EPS = 1e-9  # guards floor() against binary fractions: (24 - 4) / 0.2 is 99.99999999999999
+EPS = 1e-9  # guards floor() against binary fractions: (8 - 1) / 0.07 is 99.99999999999999
 
 
 class PlanError(ValueError):
@@ -177,7 +177,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     micro, accum = _split(req, target, world, max_micro, reasons)
     global_batch = micro * accum * world
     lr, rule = _lr(req, global_batch, reasons)
-    max_steps, warmup = _steps(req, global_batch, reasons)
+    max_steps, warmup = _steps(req, global_batch, lr, rule, reasons)
     optimizer = _optimizer(req, global_batch, reasons)
     norm = _norm(req, micro, world, reasons)
     weight_decay = ref.weight_decay if req.weight_decay is None else req.weight_decay
@@ -426,7 +426,7 @@ def _lr(req: Request, global_batch: int, reasons: list[str]) -> tuple[float, str
     return lr, rule
 
 
-def _steps(req: Request, global_batch: int, reasons: list[str]) -> tuple[int, int]:
+def _steps(req: Request, global_batch: int, lr: float, lr_rule: str, reasons: list[str]) -> tuple[int, int]:
     ref = req.reference
     k = ref.global_batch / global_batch
     warmup_fraction = ref.warmup_steps / ref.max_steps
@@ -448,6 +448,8 @@ def _steps(req: Request, global_batch: int, reasons: list[str]) -> tuple[int, in
             reasons.append("train.max_epochs is applied once the dataset size is known (in the workers)")
 
     anchor = next((a for a in ref.anchors if a.global_batch == global_batch and a.warmup_steps is not None), None)
+    if lr_rule != "anchor":  # the anchor's warmup belongs with the anchor's lr, not another
+        anchor = None
     if req.warmup_steps is not None:
         warmup = req.warmup_steps
         reasons.append(f"warmup {warmup} steps pinned by train.warmup_steps")
@@ -465,7 +467,7 @@ def _steps(req: Request, global_batch: int, reasons: list[str]) -> tuple[int, in
         reasons.append(
             f"warmup {warmup} steps = {ref.warmup_steps} x {ref.global_batch}/{global_batch}: same warmup samples"
         )
-    if warmup == 0 and global_batch >= 2 * ref.global_batch and req.warmup_steps is None and req.lr is None:
+    if warmup == 0 and lr >= 2 * ref.lr and req.warmup_steps is None and req.lr is None:
         warmup = max(1, math.ceil(max_steps * 5 / 90))
         reasons.append(
             f"warmup {warmup} steps added (5/90 of the run): the lr grew >= 2x over the reference, "

@@ -127,4 +127,5 @@ def train_loop(payload: dict[str, Any]) -> None:
         checkpoint_every=cfg.train.checkpoint_every,
         tracker=tracker,
         hooks=Hooks(report=report, checkpoint=save, print=lambda m: say(m)),
+        launched_at=payload.get("timings", {}).get("launched_at"),
     )

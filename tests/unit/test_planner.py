@@ -3,7 +3,7 @@
 Sections follow ``launcher/planner.py``: the seed worked examples, the memory bound and the
 split (with hypothesis properties), lr, steps and warmup, the large-batch optimizer, the norm
 policy, ZeRO and the DeepSpeed config, input errors, and the plan's own output. The last section
-holds suspected planner bugs as strict xfails.
+holds regression tests for two planner bugs it found.
 """
 
 from __future__ import annotations
@@ -132,6 +132,13 @@ def test_headroom_shrinks_the_usable_memory() -> None:
     p = make(hw=hw, mem=profile(4, 0.2), headroom=0.1, global_batch=200)
     assert p.max_micro_batch == 88  # floor((21.6 - 4) / 0.2)
     assert p.memory["usable_gb"] == pytest.approx(21.6)
+
+
+def test_bound_survives_a_float_quotient_just_below_an_integer() -> None:
+    """(8 - 1) / 0.07 is 99.99999999999999 in floats; the bound is still 100 (planner.EPS)."""
+    assert (8 - 1) / 0.07 < 100
+    hw = Hardware(nodes=1, devices_per_node=1, device_memory_gb=8)
+    assert make(hw=hw, mem=profile(1, 0.07), headroom=0, global_batch=100).max_micro_batch == 100
 
 
 # --- split properties ---------------------------------------------------------------------------
@@ -434,6 +441,13 @@ def test_deepspeed_picks_the_lowest_fitting_stage() -> None:
     assert has_reason(p, "ZeRO stage 2", "lowest stage")
 
 
+def test_deepspeed_stage_1_shards_only_the_optimizer_states() -> None:
+    """16 GB (4 + 4 + 8) on 8 x 16 GB: stage 0 needs 16, stage 1 needs 4 + 4 + 8/8 = 9."""
+    p = make(hw=gpus(1, 8, 16), mem=profile(16, 0.1), engine="deepspeed")
+    assert p.zero_stage == 1
+    assert p.memory["model_state_per_device_gb"] == pytest.approx(9.0)
+
+
 def test_deepspeed_keeps_stage_0_when_the_model_fits() -> None:
     p = make(engine="deepspeed")
     assert p.zero_stage == 0 and has_reason(p, "ZeRO stage 0")
@@ -537,16 +551,9 @@ def test_describe_and_dict_round_trip() -> None:
     assert p.memory["source"] == "override" and p.memory["model_gb"] == pytest.approx(1.0)
 
 
-# --- suspected planner bugs (strict xfails: they start passing once the planner is fixed) -------------
+# --- regressions: two bugs this suite found (added warmup keyed on batch; anchor warmup without its lr) ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "planner._steps adds 'lr grew >= 2x' warmup when the *global batch* doubles, whatever the lr "
-        "rule: with lr_rule=none (or sqrt) the lr did not double, yet warmup is added with that reason"
-    ),
-)
 @pytest.mark.parametrize("rule", ["none", "sqrt"])
 def test_added_warmup_requires_the_lr_to_double(rule: str) -> None:
     ref = replace(SGD, warmup_steps=0)
@@ -556,13 +563,6 @@ def test_added_warmup_requires_the_lr_to_double(rule: str) -> None:
     assert not has_reason(p, "the lr grew >= 2x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "planner._steps takes the anchor's warmup even when planner.lr_rule is explicit, although "
-        "_lr then skips the anchor's lr (a pinned optim.lr does skip the anchor warmup)"
-    ),
-)
 def test_anchor_warmup_only_with_the_anchor_lr() -> None:
     p = make(BERT, global_batch=32768, hw=gpus(8, 8), lr_rule="sqrt")
     assert p.lr_rule == "sqrt"

@@ -1,0 +1,80 @@
+"""The plain alternative: a hand-written PyTorch DDP loop, run with ``torchrun --nproc-per-node=2``.
+
+Same model (the BERT smoke config), same cached sentence pairs, same micro-batch and
+accumulation as the launcher's run; a DistributedSampler and per-micro-batch mean losses,
+as a typical script would do. Rank 0 prints one JSON line with its measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from launcher.cli import load
+from recipes import bert
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--window", type=int, default=10)
+    args = ap.parse_args()
+    launched_at = float(os.environ.get("BENCH_LAUNCHED_AT", time.time()))
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load(["scale=smoke"])
+    torch.manual_seed(0)
+    data = bert.build_data(cfg, Path(args.cache))
+    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, seed=0)
+    loader = DataLoader(data.train, batch_size=args.micro, sampler=sampler, collate_fn=data.collate, drop_last=True)
+    model = DDP(bert.build_model(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+
+    it = iter(loader)
+    first_step_s = None
+    windows, t0 = [], time.perf_counter()
+    for step in range(args.steps):
+        for i in range(args.accum):
+            batch = next(it)
+            ctx = model.no_sync() if i < args.accum - 1 else nullcontext()
+            with ctx:
+                out = model(batch)
+                counts = bert.count(batch)
+                loss = sum(out[k] / counts[k] for k in out) / args.accum
+                loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if first_step_s is None:
+            first_step_s = time.time() - launched_at
+        if (step + 1) % args.window == 0:
+            loss_value = torch.tensor([float(loss)])
+            dist.all_reduce(loss_value)  # a plain script logs a reduced loss too
+            elapsed = time.perf_counter() - t0
+            windows.append(args.micro * args.accum * world * args.window / elapsed)
+            t0 = time.perf_counter()
+    if rank == 0:
+        steady = windows[1:] or windows
+        print(json.dumps({"time_to_first_step_s": first_step_s, "samples_per_s": statistics.median(steady),
+                          "windows": windows}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

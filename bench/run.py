@@ -1,0 +1,107 @@
+"""``make bench``: the launcher vs torchrun + a plain DDP loop, same model, data and split, CPU.
+
+Writes ``bench/results/cpu_smoke.json`` (numbers, commands, device, versions, date) and
+prints a table. Run from the repository root; takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work"
+RESULTS = ROOT / "bench" / "results"
+STEPS, MICRO, ACCUM = 80, 8, 2
+REPEATS = 2
+
+
+def _median_run(runs: list[dict]) -> dict:
+    keys = ("time_to_first_step_s", "samples_per_s", "wall_s")
+    return {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys},
+            "repeats": [{k: round(r[k], 2) for k in keys} for r in runs]}
+
+
+def launcher_run() -> dict:
+    from mlflow.tracking import MlflowClient
+
+    store = WORK / "mlflow.db"
+    store.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "launcher", "scale=smoke", f"train.max_steps={STEPS}", "train.log_every=10",
+           "train.eval_batches=1", f"batch.micro_batch={MICRO}", f"run.output_dir={WORK / 'outputs'}",
+           "run.name=bench"]
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=WORK, check=True, capture_output=True, text=True,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    wall = time.perf_counter() - started
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = client.search_runs([client.get_experiment_by_name("launcher").experiment_id])[0]
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "samples_per_s"))
+    steady = [v for _, v in hist[1:]] or [v for _, v in hist]
+    return {
+        "command": " ".join(["python -m launcher", *cmd[3:]]),
+        "time_to_first_step_s": run.data.metrics["time_to_first_step_s"],
+        "samples_per_s": statistics.median(steady),
+        "wall_s": wall,
+        "grad_accum": run.data.params["plan.grad_accum"],
+        "micro_batch": run.data.params["plan.micro_batch"],
+    }
+
+
+def torchrun_run() -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(ROOT / "bench" / "plain_ddp.py"),
+           f"--steps={STEPS}", f"--micro={MICRO}", f"--accum={ACCUM}", f"--cache={WORK / 'outputs' / 'cache'}"]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
+                         env={**os.environ, "BENCH_LAUNCHED_AT": str(time.time())})
+    wall = time.perf_counter() - started
+    result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    return {"command": "torchrun --nproc-per-node=2 bench/plain_ddp.py " + " ".join(cmd[5:]),
+            "time_to_first_step_s": result["time_to_first_step_s"], "samples_per_s": result["samples_per_s"],
+            "wall_s": wall}
+
+
+def main() -> None:
+    import torch
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    launcher_run()  # warm-up: builds the tokenizer/pairs cache both sides read, and the memory estimate
+    runs: dict[str, list[dict]] = {"launcher": [], "plain": []}
+    for _ in range(REPEATS):  # alternate, with a pause, so neither side inherits the other's shutdown
+        for name, fn in (("plain", torchrun_run), ("launcher", launcher_run)):
+            time.sleep(10)
+            runs[name].append(fn())
+    ours, plain = (_median_run(runs[k]) for k in ("launcher", "plain"))
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    record = {
+        "name": "cpu_smoke",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": f"CPU: {cpu}, {os.cpu_count()} cores; 2 workers (gloo)",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "ray": __import__("ray").__version__, "mlflow": __import__("mlflow").__version__},
+        "method": f"median of {REPEATS} alternating runs each, 10 s apart; steady samples/s = median over "
+                  "10-step windows after the first",
+        "workload": f"BERT smoke (2 layers, hidden 128, seq <= 64), {STEPS} steps, micro {MICRO} x accum {ACCUM} x 2",
+        "launcher": ours,
+        "torchrun_plain_ddp": plain,
+        "throughput_ratio": ours["samples_per_s"] / plain["samples_per_s"],
+    }
+    (RESULTS / "cpu_smoke.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n{record['workload']}\n{record['device']}\n")
+    print("| | time to first step (s) | steady samples/s | wall (s) |\n|---|---|---|---|")
+    for name, r in (("launcher", ours), ("torchrun + plain DDP", plain)):
+        print(f"| {name} | {r['time_to_first_step_s']:.1f} | {r['samples_per_s']:.1f} | {r['wall_s']:.1f} |")
+    print(f"\nthroughput ratio launcher / plain DDP: {record['throughput_ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
