@@ -32,8 +32,7 @@ def _median_run(runs: list[dict]) -> dict:
 def launcher_run() -> dict:
     from mlflow.tracking import MlflowClient
 
-    store = WORK / "mlflow.db"
-    store.unlink(missing_ok=True)
+    store = WORK / f"mlflow-{time.time_ns()}.db"  # a new store per run: MLflow caches stores per URI
     cmd = [sys.executable, "-m", "launcher", "scale=smoke", f"train.max_steps={STEPS}", "train.log_every=10",
            "train.eval_batches=1", f"batch.micro_batch={MICRO}", f"run.output_dir={WORK / 'outputs'}",
            "run.name=bench"]

@@ -1,0 +1,16 @@
+# An image in which `python -m launcher` works (CPU or GPU hosts; torch is the CUDA build).
+#   make docker && docker run --rm launcher:latest scale=smoke
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1
+RUN apt-get update && apt-get install -y --no-install-recommends make gcc && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY constraints.txt pyproject.toml README.md ./
+COPY launcher ./launcher
+COPY recipes ./recipes
+COPY conf ./conf
+# torch + torchvision first, as a pair, then the rest under the same pins (see constraints.txt)
+RUN pip install --no-cache-dir -c constraints.txt torch torchvision \
+ && pip install --no-cache-dir -c constraints.txt -e .
+WORKDIR /work
+ENTRYPOINT ["python", "-m", "launcher"]
+CMD ["--help"]
