@@ -246,13 +246,6 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------
 
 
-def recipe_schema(name: Any) -> type:
-    """The schema class of a recipe name, or a ConfigError listing the known recipes."""
-    if name not in RECIPE_SCHEMAS:
-        raise ConfigError([_unknown_value("recipe.name", name, sorted(RECIPE_SCHEMAS))])
-    return RECIPE_SCHEMAS[name]
-
-
 def all_keys(schema: type, prefix: str = "", recipe: str = "bert") -> list[str]:
     """Every leaf and branch key of a schema, dotted (``train.max_steps``)."""
     keys = []
@@ -270,7 +263,7 @@ def check_override_keys(keys: list[str], recipe: str) -> list[str]:
     known = set(all_keys(Config, recipe=recipe))
     errors = []
     for key in keys:
-        if key in known or _under_free_dict(key, recipe):
+        if key in known or key.startswith("choices."):
             continue
         errors.append(_unknown_key(key, known))
     return errors
@@ -307,10 +300,6 @@ def _dataclass_of(tp: Any, key: str, recipe: str) -> type | None:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return tp
     return None
-
-
-def _under_free_dict(key: str, recipe: str) -> bool:
-    return key.startswith("choices.")
 
 
 def _build(schema: type, raw: Any, prefix: str, errors: list[str], recipe: str) -> Any:
