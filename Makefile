@@ -21,7 +21,7 @@ setup: $(STAMP) ## create .venv and install (fast when nothing changed)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed]'
 	touch $(STAMP)
 
 run: setup ## train BERT smoke on 2 CPU workers (embedded Ray, MLflow in ./mlflow.db)

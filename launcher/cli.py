@@ -117,17 +117,10 @@ def _choices(group: str) -> list[str]:
 
 def _plan(cfg: Config) -> int:
     """``action=plan``: the plan for the described hardware, printed; Ray is never started."""
-    from launcher.memory import detect_hardware, memory_profile
-    from launcher.planner import PlanError, describe, plan, request_from_config
-    from recipes import RECIPES
+    from launcher.launch import build_plan
+    from launcher.planner import describe
 
-    try:
-        hw = detect_hardware(cfg.cluster)
-        p = plan(request_from_config(cfg), hw, memory_profile(cfg, RECIPES[cfg.recipe.name]))
-    except PlanError as e:
-        raise ConfigError(e.errors) from None
-    except ValueError as e:
-        raise ConfigError([str(e)]) from None
+    p = build_plan(cfg, None)
     if cfg.plan.format == "json":
         print(json.dumps(p.to_dict(), indent=2))
     else:

@@ -24,7 +24,7 @@ def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
 
     try:
         hw = detect_hardware(cfg.cluster)
-        if cfg.cluster.gpus_per_node and hw.device == "cuda":
+        if cfg.action == "train" and cfg.cluster.gpus_per_node and hw.device == "cuda":
             import torch
 
             if torch.cuda.device_count() < hw.devices_per_node:
@@ -32,17 +32,41 @@ def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
                     f"cluster.gpus_per_node: {hw.devices_per_node} GPUs described, "
                     f"{torch.cuda.device_count()} here; use action=plan to plan hardware that is not here"
                 )
-        return plan(request_from_config(cfg, dataset_size), hw, memory_profile(cfg, RECIPES[cfg.recipe.name]))
+        p = plan(request_from_config(cfg, dataset_size), hw, memory_profile(cfg, RECIPES[cfg.recipe.name], hw))
     except PlanError as e:
         raise ConfigError(e.errors) from None
     except ValueError as e:
         raise ConfigError([str(e)]) from None
+    if p.deepspeed is not None:
+        _check_deepspeed(p)
+    return p
+
+
+def _check_deepspeed(p: Plan) -> None:
+    from launcher.engine import check_deepspeed_config
+
+    assert p.deepspeed is not None
+    try:
+        errors = check_deepspeed_config(p.deepspeed, p.world_size)
+    except ImportError:
+        p.reasons.append("DeepSpeed config NOT validated: deepspeed is not installed (pip install -e '.[deepspeed]')")
+        return
+    if errors:
+        raise ConfigError(errors)
+    p.reasons.append(f"DeepSpeed config validated by DeepSpeed's own DeepSpeedConfig for {p.world_size} ranks")
 
 
 def train(cfg: Config, timings: dict[str, float]) -> int:
     """``action=train``: returns the process exit code."""
     from recipes import RECIPES
 
+    if cfg.engine.name == "deepspeed":
+        raise ConfigError(
+            [
+                "engine=deepspeed: training under DeepSpeed is not wired into the loop yet; "
+                "action=plan prints (and validates) the DeepSpeed config it would use. Train with engine=ddp"
+            ]
+        )
     t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).resolve()
     cache = out / "cache"

@@ -11,6 +11,7 @@ exactly, however the batch is split and however many tokens each micro-batch hol
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -46,6 +47,13 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running stats) on every rank, before eval and checkpoints."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in getattr(model, "module", model).buffers():
+            dist.broadcast(b, 0)
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -54,6 +62,38 @@ def autocast(device: torch.device, precision: str) -> Any:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def split(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` cut into up to ``parts`` non-empty pieces along the sample dimension."""
+    cut = {k: v.tensor_split(parts) for k, v in batch.items()}
+    pieces = [{k: cut[k][i] for k in batch} for i in range(parts)]
+    return [p for p in pieces if batch_size(p)]
+
+
+def batch_size(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def memory_limit() -> Any:
+    """Fault injection for tests: ``$LAUNCHER_INJECT_MEMORY_LIMIT`` bytes of saved activations per forward.
+
+    A forward pass that makes autograd save more than that raises ``torch.OutOfMemoryError``,
+    as a device would, so the OOM back-off runs on CPU. Unset (always, outside tests): no hook.
+    """
+    limit = int(os.environ.get("LAUNCHER_INJECT_MEMORY_LIMIT", "0"))
+    if not limit:
+        return nullcontext()
+    used = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal used
+        used += t.numel() * t.element_size()
+        if used > limit:
+            raise torch.OutOfMemoryError(f"injected: {used} bytes of activations > {limit}")
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def train_step(
@@ -65,22 +105,60 @@ def train_step(
     device: torch.device,
     precision: str = "fp32",
     grad_clip: float | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One optimizer step over this rank's micro-batches; returns (local loss sums, global counts)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """One optimizer step over this rank's micro-batches; returns (local loss sums, global counts).
+
+    Returns None, with gradients cleared and no step taken, when any rank ran out of memory;
+    all ranks learn it from one all-reduce and back off together. DDP's only collective is
+    the all-reduce in the final micro-step's backward (the worker turns off DDP's per-forward
+    buffer broadcast), so a rank that ran out skips its remaining micro-batches and runs the
+    final one on a single sample with a zero loss: its all-reduce lines up with the others'.
+    """
     keys = sorted(count(micro_batches[0]))
     local = torch.tensor([[count(b)[k] for k in keys] for b in micro_batches], dtype=torch.float64).sum(0)
     totals = dict(zip(keys, all_sum(local.to(device)).clamp(min=1), strict=True))
     world = world_size()
+    no_sync = getattr(model, "no_sync", None)
     sums: dict[str, torch.Tensor] = {}
+    oom = False
     for i, batch in enumerate(micro_batches):
         final = i == len(micro_batches) - 1
-        no_sync = getattr(model, "no_sync", None)
-        with nullcontext() if final or no_sync is None else no_sync(), autocast(device, precision):
-            out = model(to_device(batch, device))
-            loss = sum(out[k] / totals[k] for k in out) * world
-        loss.backward()
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v.detach().double()
+        if oom and not final:
+            continue
+        with nullcontext() if final or no_sync is None else no_sync():
+            if not oom:
+                try:
+                    with autocast(device, precision), memory_limit():
+                        out = model(to_device(batch, device))
+                        loss = sum(out[k] / totals[k] for k in out) * world
+                except torch.OutOfMemoryError:
+                    oom = True
+                    out = loss = None  # type: ignore[assignment]
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                else:
+                    try:
+                        loss.backward()
+                    except torch.OutOfMemoryError as e:
+                        if final and no_sync is not None:  # DDP is mid all-reduce: ranks cannot be realigned
+                            raise RuntimeError(
+                                f"out of memory in the gradient-synchronizing backward at micro-batch "
+                                f"{batch_size(batch)}; the last checkpoint is intact: rerun with a smaller "
+                                "batch.micro_batch"
+                            ) from e
+                        oom = True
+                        out = loss = None  # type: ignore[assignment]
+                    else:
+                        for k, v in out.items():
+                            sums[k] = sums.get(k, 0) + v.detach().double()
+            if oom and final and no_sync is not None:  # stand-in so DDP's all-reduce matches the other ranks'
+                with autocast(device, precision):
+                    out = model(to_device(split(batch, batch_size(batch))[0], device))
+                    loss = sum(v * 0.0 for v in out.values())
+                loss.backward()
+    if all_sum(torch.tensor([float(oom)], device=device)).item():
+        optimizer.zero_grad(set_to_none=True)
+        return None
     if grad_clip:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -98,6 +176,7 @@ def evaluate(
     keys: list[str],
 ) -> dict[str, float]:
     """Mean of each metric in ``keys`` (as the model returns it in eval mode) over all ranks' shares."""
+    sync_buffers(model)
     module = getattr(model, "module", model)  # no DDP forward: ranks may hold different counts
     module.eval()
     sums: dict[str, float] = {}
@@ -144,13 +223,20 @@ def run(
     window_counts: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.perf_counter(), 0
     metrics: dict[str, float] = {}
+    parts = 1  # each planned micro-batch is cut into this many after out-of-memory back-offs
     model.train()
     for step in range(start_step, plan.max_steps):
         micro = [next(batches) for _ in range(plan.grad_accum)]
         lr = float(scheduler.get_last_lr()[0])  # the lr this step used
-        sums, totals = train_step(
-            model, optimizer, micro, count, device=device, precision=precision, grad_clip=grad_clip
-        )
+        while True:
+            pieces = micro if parts == 1 else [piece for b in micro for piece in split(b, parts)]
+            result = train_step(
+                model, optimizer, pieces, count, device=device, precision=precision, grad_clip=grad_clip
+            )
+            if result is not None:
+                break
+            parts = _back_off(parts, max(batch_size(b) for b in pieces), step + 1, plan, tracker, hooks)
+        sums, totals = result
         scheduler.step()
         for k in sums:
             window[k] = window.get(k, 0) + sums[k]
@@ -171,12 +257,13 @@ def run(
             metrics["loss"] = float(sum(metrics[k] for k in keys))
             metrics["lr"] = lr
             metrics["samples_per_s"] = plan.global_batch * window_steps / elapsed
-            metrics["grad_accum"] = plan.grad_accum
+            metrics["grad_accum"] = plan.grad_accum * parts
+            metrics["micro_batch"] = -(-plan.micro_batch // parts)
             tracker.log_metrics(metrics, done)
-            parts = " ".join(f"{k} {metrics[k]:.3f}" for k in keys)
+            terms = " ".join(f"{k} {metrics[k]:.3f}" for k in keys)
             eta = (plan.max_steps - done) * elapsed / window_steps
             hooks.print(
-                f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({parts}) | "
+                f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({terms}) | "
                 f"lr {metrics['lr']:.3g} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s"
             )
             hooks.report(done, metrics)
@@ -191,6 +278,26 @@ def run(
             window_start = time.perf_counter()  # evaluation time is not training throughput
 
         if (checkpoint_every and done % checkpoint_every == 0) or last:
+            sync_buffers(model)
             hooks.checkpoint(done, metrics)
             window_start = time.perf_counter()
     return metrics
+
+
+def _back_off(parts: int, size: int, step: int, plan: Plan, tracker: Tracker, hooks: Hooks) -> int:
+    """After an OOM on any rank: cut micro-batches in two, double accumulation; global batch unchanged."""
+    if size == 1:
+        raise RuntimeError(
+            f"out of memory at micro-batch 1 (step {step}): the model states alone do not fit; "
+            "try engine=deepspeed (action=plan says which ZeRO stage fits) or a smaller model"
+        )
+    parts *= 2
+    micro, accum = -(-plan.micro_batch // parts), plan.grad_accum * parts
+    reason = (
+        f"out of memory at micro-batch {size} (step {step}): retrying the step at micro-batch {micro} x "
+        f"accumulation {accum} x world {plan.world_size}; global batch {plan.global_batch} unchanged"
+    )
+    hooks.print(reason)
+    event = {"step": step, "micro_batch": micro, "grad_accum": accum, "reason": reason}
+    tracker.log_dict(event, f"oom/step_{step}.json")
+    return parts

@@ -3,12 +3,13 @@
 The profile comes from, in order of preference:
 
 1. the user's override (``planner.memory.model_gb`` / ``planner.memory.per_sample_gb``);
-2. a device-free estimate: parameter, gradient and optimizer-state bytes counted from the
+2. a probe on the real device, when training runs on local CUDA GPUs: a few optimizer
+   steps at two micro-batch sizes in a child process (so the driver never holds a CUDA
+   context), peak memory fitted linearly; an OOM stays in the child. Cached per model,
+   device and torch version, and shipped to every rank inside the plan, so all agree;
+3. a device-free estimate: parameter, gradient and optimizer-state bytes counted from the
    model, activation bytes per sample from the tensors autograd saves during a CPU forward
    pass at micro-batch 1 and 2 (``torch.autograd.graph.saved_tensors_hooks``), cached.
-
-A probe on the real device (peak memory at two micro-batch sizes) is the planned third
-source; it needs a GPU and is not implemented yet (see the issue notes).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from launcher.config import Cluster, Config
+from launcher.config import Cluster, Config, to_dict, validate
 from launcher.planner import Hardware, MemoryProfile
 
 GB = 1024**3
@@ -60,8 +63,8 @@ def detect_hardware(cluster: Cluster) -> Hardware:
     return Hardware(nodes=cluster.nodes, devices_per_node=workers, device_memory_gb=share, device="cpu")
 
 
-def memory_profile(cfg: Config, recipe: Any) -> MemoryProfile:
-    """The override where given, else the device-free estimate (both keys may mix)."""
+def memory_profile(cfg: Config, recipe: Any, hw: Hardware | None = None) -> MemoryProfile:
+    """The override where given (both keys may mix with a measurement), else probe, else estimate."""
     override = cfg.planner.memory
     if override.model_gb is not None and override.per_sample_gb is not None:
         return MemoryProfile.from_total(
@@ -70,27 +73,107 @@ def memory_profile(cfg: Config, recipe: Any) -> MemoryProfile:
             source="override",
             detail="planner.memory.model_gb/per_sample_gb; split as fp32 Adam: params 1/4, grads 1/4, moments 1/2",
         )
-    est = estimate(cfg, recipe)
+    measured = estimate(cfg, recipe)
+    if hw is not None and hw.device == "cuda" and not cfg.cluster.gpus_per_node and torch.cuda.is_available():
+        measured = probe(cfg, measured)  # GPUs here, not described: measure them
     if override.model_gb is None and override.per_sample_gb is None:
-        return est
-    if override.model_gb is not None:
-        scaled = override.model_gb / est.model_gb
-        return MemoryProfile(
-            params_gb=est.params_gb * scaled,
-            grads_gb=est.grads_gb * scaled,
-            optimizer_gb=est.optimizer_gb * scaled,
-            per_sample_gb=est.per_sample_gb,
-            source="override+estimate",
-            detail=f"model_gb from planner.memory.model_gb; per-sample estimated ({est.detail})",
-        )
-    return MemoryProfile(
-        params_gb=est.params_gb,
-        grads_gb=est.grads_gb,
-        optimizer_gb=est.optimizer_gb,
-        per_sample_gb=override.per_sample_gb or est.per_sample_gb,
-        source="override+estimate",
-        detail=f"per_sample_gb from planner.memory.per_sample_gb; model states estimated ({est.detail})",
+        return measured
+    return _scaled(
+        measured,
+        override.model_gb or measured.model_gb,
+        override.per_sample_gb or measured.per_sample_gb,
+        source=f"override+{measured.source}",
+        detail=f"planner.memory.{'model_gb' if override.model_gb else 'per_sample_gb'} overridden; "
+        f"the rest from the {measured.source} ({measured.detail})",
     )
+
+
+def _scaled(base: MemoryProfile, model_gb: float, per_sample_gb: float, *, source: str, detail: str) -> MemoryProfile:
+    """``base`` with its model states scaled to ``model_gb`` (keeping the params/grads/optimizer split)."""
+    k = model_gb / base.model_gb
+    return MemoryProfile(
+        params_gb=base.params_gb * k,
+        grads_gb=base.grads_gb * k,
+        optimizer_gb=base.optimizer_gb * k,
+        per_sample_gb=per_sample_gb,
+        source=source,
+        detail=detail,
+    )
+
+
+PROBE_SIZES = (1, 4)  # micro-batches measured; fit peak = model + n * per_sample
+
+
+def probe(cfg: Config, est: MemoryProfile) -> MemoryProfile:
+    """Peak CUDA memory at two micro-batch sizes, in a child process; the estimate if that fails.
+
+    Cached like the estimate, keyed also by the device name.
+    """
+    name = torch.cuda.get_device_name(0)
+    cache = _cache_path(cfg, "probe", name)
+    if cache.exists():
+        return MemoryProfile(**json.loads(cache.read_text()))
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "launcher.memory"],
+            input=json.dumps(to_dict(cfg)),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        return _with_note(est, "the GPU probe timed out after 600 s")
+    if child.returncode != 0:
+        return _with_note(est, f"the GPU probe failed: {child.stderr.strip().splitlines()[-1:]}")
+    peaks = {int(n): v for n, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+    if "oom" in peaks.values() or len(peaks) < 2:
+        return _with_note(est, f"the GPU probe ran out of memory ({peaks})")
+    (a, pa), (b, pb) = sorted(peaks.items())
+    per_sample = max(pb - pa, 1) / (b - a)
+    fixed = max(pa - a * per_sample, 1)
+    profile = _scaled(
+        est,
+        fixed / GB,
+        per_sample / GB,
+        source="probe",
+        detail=f"peak CUDA memory on {name} over 2 optimizer steps at micro-batch {a} ({pa / GB:.3g} GB) and "
+        f"{b} ({pb / GB:.3g} GB), fitted linearly; params/grads/optimizer split as counted",
+    )
+    _write(cache, profile)
+    return profile
+
+
+def _with_note(est: MemoryProfile, note: str) -> MemoryProfile:
+    return dataclasses.replace(est, detail=f"{est.detail}; {note}")
+
+
+def _probe_here(cfg: Config) -> dict[int, float | str]:
+    """In the child: a few real optimizer steps per size on cuda:0; peak bytes, or "oom"."""
+    from launcher.loop import autocast
+    from recipes import RECIPES
+
+    recipe = RECIPES[cfg.recipe.name]
+    device = torch.device("cuda", 0)
+    model = recipe.build_model(cfg).to(device)
+    states = OPTIMIZER_STATES[cfg.recipe.reference.optimizer]
+    opt = torch.optim.AdamW(model.parameters()) if states == 2 else torch.optim.SGD(model.parameters(), momentum=0.9)
+    peaks: dict[int, float | str] = {}
+    for n in PROBE_SIZES:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for _ in range(2):  # the second step runs with optimizer state allocated
+                batch = {k: v.to(device) for k, v in recipe.example_batch(cfg, n).items()}
+                with autocast(device, cfg.train.precision):
+                    out = model(batch)
+                sum(out.values()).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            peaks[n] = float(torch.cuda.max_memory_allocated(device))
+        except torch.OutOfMemoryError:
+            peaks[n] = "oom"
+            break
+    return peaks
 
 
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
@@ -102,12 +185,7 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
     The cache (``$LAUNCHER_CACHE`` or ``~/.cache/launcher``) is keyed by the recipe section
     of the config and the torch version, so a rerun or a different cluster shape is instant.
     """
-    key = hashlib.sha256(
-        json.dumps(
-            [cfg.recipe.name, dataclasses.asdict(cfg.recipe), torch.__version__], sort_keys=True, default=str
-        ).encode()
-    ).hexdigest()[:16]
-    cache = Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher")) / f"memory-{key}.json"
+    cache = _cache_path(cfg, "memory")
     if cache.exists():
         return MemoryProfile(**json.loads(cache.read_text()))
     optimizer = cfg.recipe.reference.optimizer
@@ -128,11 +206,25 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
             "full input size in fp32 (temporaries not counted: planner.headroom covers them)"
         ),
     )
+    _write(cache, profile)
+    return profile
+
+
+def _cache_path(cfg: Config, kind: str, *extra: str) -> Path:
+    """``$LAUNCHER_CACHE`` (or ~/.cache/launcher) / kind-<hash of the recipe section, torch, extra>.json."""
+    key = hashlib.sha256(
+        json.dumps(
+            [cfg.recipe.name, dataclasses.asdict(cfg.recipe), torch.__version__, *extra], sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:16]
+    return Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher")) / f"{kind}-{key}.json"
+
+
+def _write(cache: Path, profile: MemoryProfile) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(profile)))
     tmp.replace(cache)
-    return profile
 
 
 def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float:
@@ -156,3 +248,7 @@ def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float
 
     one, two = saved_bytes(1), saved_bytes(2)
     return float(max(two - one, math.ceil(two / 2)))
+
+
+if __name__ == "__main__":  # the probe's child process: config JSON in, {size: peak bytes} JSON out
+    print(json.dumps(_probe_here(validate(json.loads(sys.stdin.read())))))

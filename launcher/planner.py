@@ -445,7 +445,7 @@ def _steps(req: Request, global_batch: int, lr: float, lr_rule: str, reasons: li
             "the reference's samples seen stay the same"
         )
         if req.max_epochs is not None:
-            reasons.append("train.max_epochs is applied once the dataset size is known (in the workers)")
+            reasons.append("train.max_epochs needs the dataset size: action=train counts it before planning")
 
     anchor = next((a for a in ref.anchors if a.global_batch == global_batch and a.warmup_steps is not None), None)
     if lr_rule != "anchor":  # the anchor's warmup belongs with the anchor's lr, not another

@@ -40,7 +40,13 @@ def train_loop(payload: dict[str, Any]) -> None:
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
 
     model = recipe.build_model(cfg)
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    model = ray.train.torch.prepare_model(
+        model,
+        parallel_strategy="ddp" if world > 1 else None,
+        # No collective in forward: buffers are synced from rank 0 before eval and checkpoints
+        # instead, which also lets ranks back off from an OOM without desynchronizing.
+        parallel_strategy_kwargs={"broadcast_buffers": False} if world > 1 else None,
+    )
     raw_model = getattr(model, "module", model)
     optimizer = build_optimizer(raw_model, plan, cfg.optim)
     scheduler = build_scheduler(optimizer, plan)

@@ -128,6 +128,14 @@ def test_zero_stage_when_model_states_do_not_fit(tmp_path: Path) -> None:
     ok = plan_json(*common, "engine=deepspeed", cwd=tmp_path)
     assert ok["zero_stage"] == 2  # 10 GB params + 30/8 GB sharded grads+moments fit 14.4 GB; stage 1 does not
     assert any(r.startswith("ZeRO stage 2") for r in ok["reasons"])
+    assert ok["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert "DeepSpeed config validated by DeepSpeed's own DeepSpeedConfig for 8 ranks" in ok["reasons"]
+
+
+def test_training_under_deepspeed_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    out = launcher("scale=smoke", "engine=deepspeed", cwd=tmp_path)
+    assert out.returncode == 2 and "engine=deepspeed" in out.stderr and "action=plan" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
 def test_table_output_shows_reasons(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ Real Hydra, real Ray (2 CPU workers, gloo), real MLflow (a SQLite store, and a r
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -39,13 +40,23 @@ def only_run(uri: str) -> tuple[MlflowClient, str]:
     return client, runs[0].info.run_id
 
 
-def test_smoke_run_is_recorded_with_plan_applied(tmp_path: Path, shared_outputs: Path) -> None:
-    out = launcher(
-        *SHORT, "batch.micro_batch=4", f"run.output_dir={shared_outputs}", "run.name=smoke-test", cwd=tmp_path
-    )
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, shared_outputs: Path) -> tuple[Path, str]:
+    """The 30-step smoke run at micro-batch 4 x accumulation 4 x 2 workers (its dir and stdout)."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    out = launcher(*SHORT, "batch.micro_batch=4", f"run.output_dir={shared_outputs}", "run.name=smoke-test", cwd=cwd)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "micro-batch / device  4" in out.stdout  # the plan is printed before training
-    client, run_id = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return cwd, out.stdout
+
+
+def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_path: Path, shared_outputs: Path) -> None:
+    cwd, stdout = smoke
+    assert "micro-batch / device  4" in stdout  # the plan is printed before training
+    client, run_id = only_run(f"sqlite:///{cwd / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke-test"
 
@@ -55,19 +66,79 @@ def test_smoke_run_is_recorded_with_plan_applied(tmp_path: Path, shared_outputs:
     assert (plan.world_size, plan.micro_batch, plan.grad_accum, plan.global_batch) == (2, 4, 4, 32)
     assert run.data.params["plan.grad_accum"] == "4" and run.data.params["batch.micro_batch"] == "4"
 
-    def history(key: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-    loss, lr = history("loss"), history("lr")
+    loss, lr = history(client, run_id, "loss"), history(client, run_id, "lr")
     assert sorted(loss) == [5, 10, 15, 20, 25, 30]
-    assert set(history("mlm")) == set(history("nsp")) == set(loss)
+    assert set(history(client, run_id, "mlm")) == set(history(client, run_id, "nsp")) == set(loss)
     assert loss[30] < loss[5]  # it learns
     for step, value in lr.items():  # the logged lr is the plan's schedule, step for step
         assert value == pytest.approx(plan.lr * lr_factor(step - 1, plan), rel=1e-6)
-    assert all(v == plan.grad_accum for v in history("grad_accum").values())
-    assert set(history("eval_mlm_acc")) == {15, 30} and 0 <= history("eval_nsp_acc")[30] <= 1
-    assert history("samples_per_s")[30] > 0
+    assert all(v == plan.grad_accum for v in history(client, run_id, "grad_accum").values())
+    evals = history(client, run_id, "eval_mlm_acc")
+    assert set(evals) == {15, 30} and 0 <= history(client, run_id, "eval_nsp_acc")[30] <= 1
+    assert history(client, run_id, "samples_per_s")[30] > 0
     assert any(shared_outputs.glob("ray/*/checkpoint_*/state.pt"))
+
+
+def test_out_of_memory_backs_off_and_keeps_the_global_batch(
+    smoke: tuple[Path, str], tmp_path: Path, shared_outputs: Path
+) -> None:
+    """Planned micro-batch 16 x 1 does not fit an injected activation budget of ~3 samples.
+
+    The run must cut micro-batches in two until they fit, doubling the accumulation on both
+    workers alike, and then train exactly as the smoke run planned at 4 x 4: same global
+    batch, same samples, same losses.
+    """
+    planned = launcher("scale=smoke", "action=plan", "plan.format=json", cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    per_sample = json.loads(planned.stdout)["memory"]["per_sample_gb"] * 1024**3
+    out = launcher(
+        *SHORT,
+        "batch.micro_batch=16",
+        f"run.output_dir={shared_outputs}",
+        cwd=tmp_path,
+        env={"LAUNCHER_INJECT_MEMORY_LIMIT": str(int(3 * per_sample))},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "out of memory at micro-batch 16 (step 1)" in out.stdout
+    client, run_id = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    plan = json.loads(Path(client.download_artifacts(run_id, "plan.json", str(tmp_path))).read_text())
+    assert (plan["micro_batch"], plan["grad_accum"], plan["global_batch"]) == (16, 1, 32)
+    events = Path(client.download_artifacts(run_id, "oom", str(tmp_path / "oom")))
+    backoffs = sorted((json.loads(e.read_text()) for e in events.iterdir()), key=lambda e: e["step"])
+    assert backoffs[0]["step"] == 1 and backoffs[0]["micro_batch"] < 16
+    micro, accum = history(client, run_id, "micro_batch"), history(client, run_id, "grad_accum")
+    assert all(micro[s] * accum[s] == 16 for s in micro)  # 16 per worker per step, however it is cut
+    assert list(micro.values()) == sorted(micro.values(), reverse=True)  # it only ever backs off
+    assert (micro[30], accum[30]) == (backoffs[-1]["micro_batch"], backoffs[-1]["grad_accum"])
+
+    base_client, base_id = only_run(f"sqlite:///{smoke[0] / 'mlflow.db'}")
+    base, backed_off = history(base_client, base_id, "loss"), history(client, run_id, "loss")
+    assert sorted(backed_off) == sorted(base)
+    for step in base:  # the same math on the same samples: only float summation order differs
+        assert backed_off[step] == pytest.approx(base[step], rel=1e-4), step
+
+
+def test_max_epochs_sets_the_steps_from_the_dataset_size(tmp_path: Path, shared_outputs: Path) -> None:
+    from launcher.cli import load
+    from recipes import bert
+
+    samples = len(bert.build_data(load(["scale=smoke"]), shared_outputs / "cache").train)
+    out = launcher(
+        "scale=smoke",
+        "train.max_epochs=0.01",
+        "train.log_every=1",
+        "train.eval_batches=1",
+        f"run.output_dir={shared_outputs}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, run_id = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    plan = json.loads(Path(client.download_artifacts(run_id, "plan.json", str(tmp_path))).read_text())
+    expected = math.ceil(0.01 * samples / plan["global_batch"])
+    assert plan["max_steps"] == expected > 1
+    assert f"max_steps {expected} = ceil(0.01 epochs x {samples} samples / {plan['global_batch']})" in plan["reasons"]
+    assert sorted(history(client, run_id, "loss")) == list(range(1, expected + 1))
 
 
 def test_tracking_uri_from_the_environment_wins(tmp_path: Path, shared_outputs: Path) -> None:
