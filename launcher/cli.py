@@ -90,7 +90,7 @@ def load(overrides: list[str]) -> Config:
             if not isinstance(value, str) or value not in _choices(key):
                 errors.append(unknown_choice(key, str(value), _choices(key)))
             elif key == "recipe":
-                recipe = value
+                recipe = str(OmegaConf.load(CONF_DIR / "recipe" / f"{value}.yaml").name)  # a variant names its recipe
         elif not o.is_add():
             keys.append(key)
     errors += check_override_keys(keys, recipe)

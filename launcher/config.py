@@ -52,6 +52,7 @@ class Reference:
     uses_batchnorm: bool = False
     norm_policy: Literal["sync_bn", "group_norm", "frozen_bn"] = "sync_bn"
     anchors: list[Anchor] = field(default_factory=list)
+    epochs: float | None = None  # set: steps keep the reference's epochs on the dataset at hand
     source: str = ""
 
 
@@ -76,8 +77,38 @@ class BertRecipe:
     corpus_max_mb: float = 200.0  # cap on text read from data.path (or the fallback corpus)
 
 
-RecipeConfig = BertRecipe
-RECIPE_SCHEMAS: dict[str, type] = {"bert": BertRecipe}
+@dataclass(kw_only=True)
+class Synthetic:
+    """A small real image set drawn locally (shapes on noise) when ``data.path`` is null."""
+
+    classes: int = 0  # 0: no synthetic set; data.path is required
+    train_per_class: int = 64
+    val_per_class: int = 17
+    size: int = 64  # pixels per side
+
+
+@dataclass(kw_only=True)
+class ImagenetRecipe:
+    name: Literal["imagenet"] = "imagenet"
+    reference: Reference
+    model: str = "resnet50"  # any torchvision classification model name
+    num_classes: int | None = None  # null: the number of class folders under train/
+    train_crop: int = 224  # RandomResizedCrop size
+    eval_resize: int = 256  # shorter side before the center crop
+    eval_crop: int = 224
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0: off (torchvision v2 MixUp on training batches)
+    cutmix_alpha: float = 0.0  # 0: off
+    auto_augment: Literal["ta_wide"] | None = None  # TrivialAugmentWide
+    random_erase: float = 0.0  # probability
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the model on CUDA
+    bad_images: Literal["error", "skip"] = "error"  # an unreadable image stops the run, or is skipped
+    synthetic: Synthetic = field(default_factory=Synthetic)
+
+
+RecipeConfig = BertRecipe | ImagenetRecipe
+RECIPE_SCHEMAS: dict[str, type] = {"bert": BertRecipe, "imagenet": ImagenetRecipe}
 
 
 @dataclass(kw_only=True)
@@ -119,6 +150,7 @@ class Optim:
     weight_decay: float | None = None  # null: the reference's
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9
+    nesterov: bool = False  # SGD / LARS
 
 
 @dataclass(kw_only=True)
@@ -224,11 +256,24 @@ RANGES: dict[str, tuple[Any, str]] = {
     "recipe.reference.weight_decay": _NON_NEGATIVE,
     "recipe.reference.devices": _AT_LEAST_1,
     "recipe.reference.large_batch_threshold": _AT_LEAST_1,
+    "recipe.reference.epochs": _POSITIVE,
     "recipe.seq_len": (lambda v: v >= 8, "an integer >= 8"),
     "recipe.mask_prob": _PROBABILITY,
     "recipe.eval_fraction": _PROBABILITY,
     "recipe.corpus_max_mb": _POSITIVE,
     "recipe.model.dropout": _FRACTION,
+    "recipe.num_classes": (lambda v: v is None or v >= 2, "an integer >= 2"),
+    "recipe.train_crop": _AT_LEAST_1,
+    "recipe.eval_resize": _AT_LEAST_1,
+    "recipe.eval_crop": _AT_LEAST_1,
+    "recipe.label_smoothing": _FRACTION,
+    "recipe.mixup_alpha": _NON_NEGATIVE,
+    "recipe.cutmix_alpha": _NON_NEGATIVE,
+    "recipe.random_erase": _FRACTION,
+    "recipe.synthetic.classes": _NON_NEGATIVE,
+    "recipe.synthetic.train_per_class": _AT_LEAST_1,
+    "recipe.synthetic.val_per_class": _AT_LEAST_1,
+    "recipe.synthetic.size": (lambda v: v >= 16, "an integer >= 16"),
 }
 
 

@@ -9,10 +9,32 @@ the world size or the micro-batch, and every sample is used once per epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+
+@dataclass
+class Data:
+    """What a recipe's ``build_data`` returns: the splits and how to batch them."""
+
+    train: Dataset
+    eval: Dataset
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]  # training micro-batches
+    eval_collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None  # None: ``collate``
+
+
+def eval_shard(n: int, rank: int, world: int, micro: int, limit: int = 0) -> list[list[int]]:
+    """This rank's evaluation micro-batches: every sample on exactly one rank (``rank::world``).
+
+    ``limit`` > 0 keeps the first ``limit`` micro-batches per rank (a quick estimate).
+    """
+    mine = list(range(rank, n, world))
+    chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+    return chunks[:limit] if limit else chunks
 
 
 class StepBatches(Sampler[list[int]]):

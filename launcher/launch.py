@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,8 @@ def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
         p = plan(request_from_config(cfg, dataset_size), hw, memory_profile(cfg, RECIPES[cfg.recipe.name], hw))
     except PlanError as e:
         raise ConfigError(e.errors) from None
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError([str(e)]) from None
     if p.deepspeed is not None:
@@ -119,9 +122,9 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
         result = _fit(cfg, p, uri, run_id, name, out, timings)
         status = "FINISHED" if result.error is None else "FAILED"
         if result.error is not None:
-            print(f"training failed: {result.error}", flush=True)
+            print(f"{result.error}\n\ntraining failed: {root_cause(str(result.error))}", flush=True)
     except Exception as e:  # noqa: BLE001 - Ray raises its own wrapper; the run is marked failed
-        print(f"training failed: {type(e).__name__}: {e}", flush=True)
+        print(f"{type(e).__name__}: {e}\n\ntraining failed: {root_cause(f'{type(e).__name__}: {e}')}", flush=True)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -133,6 +136,17 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
             ray.shutdown()
     print(f"mlflow: run {run_id} {status.lower()}; see it with `make mlflow-ui`", flush=True)
     return 0 if status == "FINISHED" else 1
+
+
+def root_cause(report: str) -> str:
+    """The last ``Type: message`` line of a (Ray-wrapped) traceback: what went wrong, in one line."""
+    found = re.findall(
+        r"^(?:\x1b\[[0-9;]*m|\(\w+ pid=\d+\) )*([A-Za-z_][\w.]*(?:Error|Exception|Image)): (.+)$",
+        report,
+        flags=re.MULTILINE,
+    )
+    causes = [f"{kind.rpartition('.')[2]}: {msg.strip()}" for kind, msg in found if kind != "WorkerGroupError"]
+    return causes[-1] if causes else report.strip().splitlines()[0]
 
 
 def _fit(  # type: ignore[no-untyped-def]

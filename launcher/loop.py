@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -169,7 +169,7 @@ def train_step(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: list[Batch],
+    batches: Iterable[Batch],
     count: Callable[[Batch], dict[str, int]],
     device: torch.device,
     precision: str,
@@ -203,7 +203,7 @@ def run(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterator[Batch],
-    eval_batches: Callable[[], list[Batch]],
+    eval_batches: Callable[[], Iterable[Batch]],
     count: Callable[[Batch], dict[str, int]],
     eval_keys: list[str],
     plan: Plan,

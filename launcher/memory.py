@@ -9,7 +9,7 @@ The profile comes from, in order of preference:
    device and torch version, and shipped to every rank inside the plan, so all agree;
 3. a device-free estimate: parameter, gradient and optimizer-state bytes counted from the
    model, activation bytes per sample from the tensors autograd saves during a CPU forward
-   pass at micro-batch 1 and 2 (``torch.autograd.graph.saved_tensors_hooks``), cached.
+   pass at micro-batch 2 and 4 (``torch.autograd.graph.saved_tensors_hooks``), cached.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _scaled(base: MemoryProfile, model_gb: float, per_sample_gb: float, *, sourc
     )
 
 
-PROBE_SIZES = (1, 4)  # micro-batches measured; fit peak = model + n * per_sample
+PROBE_SIZES = (2, 8)  # micro-batches measured; fit peak = model + n * per_sample
 
 
 def probe(cfg: Config, est: MemoryProfile) -> MemoryProfile:
@@ -228,7 +228,7 @@ def _write(cache: Path, profile: MemoryProfile) -> None:
 
 
 def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float:
-    """Bytes autograd saves for backward, per sample: f(2) - f(1) (the fixed part cancels)."""
+    """Bytes autograd saves for backward, per sample: (f(4) - f(2)) / 2, at least f(4) / 4."""
     param_ids = {id(p) for p in model.parameters()}
 
     def saved_bytes(n: int) -> int:
@@ -246,8 +246,9 @@ def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float
             model(batch)
         return total
 
-    one, two = saved_bytes(1), saved_bytes(2)
-    return float(max(two - one, math.ceil(two / 2)))
+    # micro-batch 2 and 4, not 1: BatchNorm refuses one sample per channel in training mode
+    two, four = saved_bytes(2), saved_bytes(4)
+    return float(max((four - two) / 2, math.ceil(four / 4)))
 
 
 if __name__ == "__main__":  # the probe's child process: config JSON in, {size: peak bytes} JSON out

@@ -27,7 +27,7 @@ def build_optimizer(model: nn.Module, plan: Plan, optim: Optim) -> torch.optim.O
     if plan.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=plan.lr, betas=betas)
     if plan.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=plan.lr, momentum=optim.momentum)
+        return torch.optim.SGD(groups, lr=plan.lr, momentum=optim.momentum, nesterov=optim.nesterov)
     if plan.optimizer == "lamb":
         from timm.optim import Lamb
 

@@ -62,6 +62,7 @@ class Reference:
     uses_batchnorm: bool = False
     norm_policy: str = "sync_bn"  # sync_bn | group_norm | frozen_bn
     anchors: tuple[Anchor, ...] = ()
+    epochs: float | None = None  # the reference's epochs: with a dataset size, steps keep epochs (vision)
     source: str = ""
 
 
@@ -179,7 +180,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     lr, rule = _lr(req, global_batch, reasons)
     max_steps, warmup = _steps(req, global_batch, lr, rule, reasons)
     optimizer = _optimizer(req, global_batch, reasons)
-    norm = _norm(req, micro, world, reasons)
+    norm = _norm(req, micro, world, hw.device, reasons)
     weight_decay = ref.weight_decay if req.weight_decay is None else req.weight_decay
     milestones = [max(1, round(f * max_steps)) for f in ref.milestones]
     if ref.schedule == "step" and milestones:
@@ -438,6 +439,12 @@ def _steps(req: Request, global_batch: int, lr: float, lr_rule: str, reasons: li
         reasons.append(
             f"max_steps {max_steps} = ceil({req.max_epochs:g} epochs x {req.dataset_size} samples / {global_batch})"
         )
+    elif ref.epochs is not None and req.dataset_size:
+        max_steps = max(1, math.ceil(ref.epochs * req.dataset_size / global_batch))
+        reasons.append(
+            f"max_steps {max_steps} = ceil({ref.epochs:g} epochs (the reference's) x {req.dataset_size} samples / "
+            f"{global_batch}): the reference's epochs stay the same on this dataset"
+        )
     else:
         max_steps = max(1, math.ceil(ref.max_steps * k))
         reasons.append(
@@ -446,6 +453,8 @@ def _steps(req: Request, global_batch: int, lr: float, lr_rule: str, reasons: li
         )
         if req.max_epochs is not None:
             reasons.append("train.max_epochs needs the dataset size: action=train counts it before planning")
+    # steps on this dataset per step the reference's sample count would give (1 on the reference's data)
+    stretch = max_steps / max(1, math.ceil(ref.max_steps * k))
 
     anchor = next((a for a in ref.anchors if a.global_batch == global_batch and a.warmup_steps is not None), None)
     if lr_rule != "anchor":  # the anchor's warmup belongs with the anchor's lr, not another
@@ -453,10 +462,11 @@ def _steps(req: Request, global_batch: int, lr: float, lr_rule: str, reasons: li
     if req.warmup_steps is not None:
         warmup = req.warmup_steps
         reasons.append(f"warmup {warmup} steps pinned by train.warmup_steps")
-    elif anchor is not None and req.lr is None and req.max_steps is None:
-        warmup = anchor.warmup_steps or 0
-        reasons.append(f"warmup {warmup} steps from the published anchor ({anchor.source})")
-    elif req.max_steps is not None or req.max_epochs is not None:
+    elif anchor is not None and req.lr is None and req.max_steps is None and req.max_epochs is None:
+        warmup = round((anchor.warmup_steps or 0) * stretch)
+        scaled = "" if warmup == anchor.warmup_steps else f" x {stretch:.3g} (this dataset's epoch length)"
+        reasons.append(f"warmup {warmup} steps from the published anchor{scaled} ({anchor.source})")
+    elif req.max_steps is not None or req.max_epochs is not None or stretch != 1:
         warmup = round(warmup_fraction * max_steps)
         reasons.append(
             f"warmup {warmup} steps = {warmup_fraction:.3g} of max_steps, the reference's warmup share "
@@ -493,7 +503,7 @@ def _optimizer(req: Request, global_batch: int, reasons: list[str]) -> str:
     return ref.optimizer
 
 
-def _norm(req: Request, micro: int, world: int, reasons: list[str]) -> str:
+def _norm(req: Request, micro: int, world: int, device: str, reasons: list[str]) -> str:
     ref = req.reference
     if not ref.uses_batchnorm:
         reasons.append("norm unchanged: the model has no BatchNorm")
@@ -502,6 +512,12 @@ def _norm(req: Request, micro: int, world: int, reasons: list[str]) -> str:
         reasons.append(f"BatchNorm kept: {micro} samples per device >= {req.bn_min_group} per statistics group")
         return "batch_norm"
     policy = ref.norm_policy
+    if policy == "sync_bn" and device == "cpu" and world > 1:
+        reasons.append(
+            f"BatchNorm kept (per device) although {micro} samples per device < {req.bn_min_group}: the recipe "
+            "asks for SyncBatchNorm, which torch runs on GPUs only"
+        )
+        return "batch_norm"
     detail = {
         "sync_bn": f"SyncBatchNorm pools statistics over {micro} x {world} = {micro * world} samples",
         "group_norm": "GroupNorm does not depend on the batch",
@@ -540,6 +556,7 @@ def request_from_config(cfg: Config, dataset_size: int | None = None) -> Request
             Anchor(global_batch=a.global_batch, lr=a.lr, warmup_steps=a.warmup_steps, source=a.source)
             for a in r.anchors
         ),
+        epochs=r.epochs,
         source=r.source,
     )
     micro = cfg.batch.micro_batch

@@ -6,7 +6,9 @@ live objects, and never a ``${hydra:...}`` interpolation.
 
 from __future__ import annotations
 
+import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from launcher import checkpoint
 from launcher.config import Config, validate
-from launcher.data import StepBatches
+from launcher.data import StepBatches, eval_shard
 from launcher.loop import Hooks, run
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.planner import Plan
@@ -39,7 +41,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
 
-    model = recipe.build_model(cfg)
+    model = convert_norm(recipe.build_model(cfg), plan.norm)
     model = ray.train.torch.prepare_model(
         model,
         parallel_strategy="ddp" if world > 1 else None,
@@ -85,12 +87,10 @@ def train_loop(payload: dict[str, Any]) -> None:
         persistent_workers=cfg.data.num_workers > 0,
     )
 
-    def eval_batches() -> list[dict[str, torch.Tensor]]:
-        mine = list(range(rank, len(data.eval), world))  # each eval sample on exactly one rank
-        chunks = [mine[i : i + plan.micro_batch] for i in range(0, len(mine), plan.micro_batch)]
-        if cfg.train.eval_batches:
-            chunks = chunks[: cfg.train.eval_batches]
-        return [data.collate([data.eval[i] for i in c]) for c in chunks]
+    def eval_batches() -> Iterator[dict[str, torch.Tensor]]:
+        collate = data.eval_collate or data.collate
+        for chunk in eval_shard(len(data.eval), rank, world, plan.micro_batch, cfg.train.eval_batches):
+            yield collate([data.eval[i] for i in chunk])
 
     def report(step: int, metrics: dict[str, float]) -> None:
         ray.train.report({**metrics, "step": step})
@@ -135,3 +135,25 @@ def train_loop(payload: dict[str, Any]) -> None:
         hooks=Hooks(report=report, checkpoint=save, print=lambda m: say(m)),
         launched_at=payload.get("timings", {}).get("launched_at"),
     )
+
+
+def convert_norm(model: torch.nn.Module, policy: str) -> torch.nn.Module:
+    """The plan's BatchNorm policy applied: sync_bn, group_norm, frozen_bn; else unchanged."""
+    if policy == "sync_bn":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if policy not in ("group_norm", "frozen_bn"):
+        return model
+    from torchvision.ops import FrozenBatchNorm2d
+
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            c = child.num_features
+            if policy == "group_norm":  # 32 groups (Wu & He 2018), fewer when channels do not divide
+                new: torch.nn.Module = torch.nn.GroupNorm(math.gcd(32, c), c, eps=child.eps)
+            else:
+                new = FrozenBatchNorm2d(c, eps=child.eps)
+                new.load_state_dict(child.state_dict(), strict=False)  # running stats and affine, frozen
+            setattr(model, name, new)
+        else:
+            convert_norm(child, policy)
+    return model

@@ -18,7 +18,6 @@ import json
 import random
 import re
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,18 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from launcher.config import Config
+from launcher.config import BertRecipe, Config
+from launcher.data import Data
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 METRICS = ["mlm", "nsp", "mlm_acc", "nsp_acc"]  # what evaluation reports
+
+
+def spec(cfg: Config) -> BertRecipe:
+    """``cfg.recipe``, typed as this recipe's section."""
+    assert isinstance(cfg.recipe, BertRecipe), cfg.recipe
+    return cfg.recipe
 
 
 # --- model -------------------------------------------------------------------------------
@@ -49,7 +55,7 @@ class BertPretraining(nn.Module):
         super().__init__()
         from transformers import BertConfig, BertForPreTraining
 
-        m = cfg.recipe.model
+        m = spec(cfg).model
         config = BertConfig(
             vocab_size=m.vocab_size,
             hidden_size=m.hidden_size,
@@ -58,7 +64,7 @@ class BertPretraining(nn.Module):
             intermediate_size=m.intermediate_size,
             hidden_dropout_prob=m.dropout,
             attention_probs_dropout_prob=m.dropout,
-            max_position_embeddings=max(512, cfg.recipe.seq_len),
+            max_position_embeddings=max(512, spec(cfg).seq_len),
             pad_token_id=PAD,
         )
         self.net = BertForPreTraining(config)
@@ -97,9 +103,9 @@ def count(batch: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def example_batch(cfg: Config, n: int) -> dict[str, torch.Tensor]:
     """A synthetic full-length batch of ``n`` pairs, 15% masked (for the memory estimate)."""
-    t = cfg.recipe.seq_len
+    t = spec(cfg).seq_len
     labels = torch.full((n, t), -100, dtype=torch.long)
-    labels[:, 1 : 1 + max(1, round(cfg.recipe.mask_prob * t))] = UNK
+    labels[:, 1 : 1 + max(1, round(spec(cfg).mask_prob * t))] = UNK
     return {
         "input_ids": torch.full((n, t), UNK, dtype=torch.long),
         "token_type_ids": torch.zeros((n, t), dtype=torch.long),
@@ -112,16 +118,9 @@ def example_batch(cfg: Config, n: int) -> dict[str, torch.Tensor]:
 # --- data --------------------------------------------------------------------------------
 
 
-@dataclass
-class Data:
-    train: Dataset
-    eval: Dataset
-    collate: Any
-
-
 def build_data(cfg: Config, cache_dir: Path) -> Data:
     """Tokenizer + sentence pairs, built once per cache key (file-locked), then loaded."""
-    r = cfg.recipe
+    r = spec(cfg)
     key = hashlib.sha256(
         json.dumps(
             [cfg.data.path, r.model.vocab_size, r.seq_len, r.corpus_max_mb, r.eval_fraction, cfg.run.seed, 2],
@@ -134,9 +133,17 @@ def build_data(cfg: Config, cache_dir: Path) -> Data:
             _prepare(cfg, where)
     pairs = torch.load(where / "pairs.pt", weights_only=True)
     n_eval = pairs["n_eval"]
+
     def pairs_of(rows: range, fixed_masks: bool) -> Pairs:
-        return Pairs(pairs, rows, seq_len=r.seq_len, mask_prob=r.mask_prob, vocab=r.model.vocab_size,
-                     seed=cfg.run.seed, fixed_masks=fixed_masks)
+        return Pairs(
+            pairs,
+            rows,
+            seq_len=r.seq_len,
+            mask_prob=r.mask_prob,
+            vocab=r.model.vocab_size,
+            seed=cfg.run.seed,
+            fixed_masks=fixed_masks,
+        )
 
     return Data(
         train=pairs_of(range(n_eval, len(pairs["label"])), fixed_masks=False),
@@ -224,7 +231,7 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def _prepare(cfg: Config, where: Path) -> None:
-    r = cfg.recipe
+    r = spec(cfg)
     docs = read_corpus(cfg.data.path, int(r.corpus_max_mb * 2**20))
     tokenizer = train_wordpiece(docs, r.model.vocab_size)
     tokenizer.save(str(where / "tokenizer.json"))

@@ -36,7 +36,7 @@ def test_every_shipped_config_composes(combo: tuple[str, ...]) -> None:
 def test_every_recipe_scale_file_is_reachable() -> None:
     """conf/recipe_scale/<recipe>_<scale>.yaml must name a real recipe and scale."""
     for f in (CONF_DIR / "recipe_scale").glob("*.yaml"):
-        recipe, scale = f.stem.split("_")
+        recipe, _, scale = f.stem.rpartition("_")
         assert recipe in _choices("recipe") and scale in _choices("scale"), f
 
 
