@@ -135,6 +135,7 @@ class Train:
     eval_batches: int = 20  # micro-batches per rank per evaluation (0 = whole split)
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
+    ema_decay: float | None = None  # a number: keep an EMA of the weights (and BN stats), evaluated as eval_ema_*
 
 
 @dataclass(kw_only=True)
@@ -232,6 +233,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.eval_every": _NON_NEGATIVE,
     "train.eval_batches": _NON_NEGATIVE,
     "train.grad_clip": _POSITIVE,
+    "train.ema_decay": _FRACTION,
     "batch.global_batch": _AT_LEAST_1,
     "batch.micro_batch": _AT_LEAST_1,
     "optim.lr": _POSITIVE,

@@ -217,6 +217,7 @@ def run(
     tracker: Tracker,
     hooks: Hooks,
     launched_at: float | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict[str, float]:
     """Train from ``start_step`` to ``plan.max_steps``; returns the last metrics."""
     window: dict[str, torch.Tensor] = {}
@@ -237,6 +238,8 @@ def run(
                 break
             parts = _back_off(parts, max(batch_size(b) for b in pieces), step + 1, plan, tracker, hooks)
         sums, totals = result
+        if ema is not None:
+            ema.update_parameters(getattr(model, "module", model))
         scheduler.step()
         for k in sums:
             window[k] = window.get(k, 0) + sums[k]
@@ -272,6 +275,9 @@ def run(
 
         if (eval_every and done % eval_every == 0) or last:
             results = evaluate(model, eval_batches(), count, device, precision, eval_keys)
+            if ema is not None:  # the averaged weights, on the same samples
+                averaged = evaluate(ema, eval_batches(), count, device, precision, eval_keys)
+                results.update({k.replace("eval_", "eval_ema_", 1): v for k, v in averaged.items()})
             tracker.log_metrics(results, done)
             hooks.print(f"eval at step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
             metrics.update(results)

@@ -52,6 +52,11 @@ def train_loop(payload: dict[str, Any]) -> None:
     raw_model = getattr(model, "module", model)
     optimizer = build_optimizer(raw_model, plan, cfg.optim)
     scheduler = build_scheduler(optimizer, plan)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
 
     start_step = 0
     restored = ray.train.get_checkpoint()
@@ -61,6 +66,8 @@ def train_loop(payload: dict[str, Any]) -> None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
         start_step = int(state["step"])
 
@@ -104,6 +111,7 @@ def train_loop(payload: dict[str, Any]) -> None:
                         "model": raw_model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
+                        **({"ema": ema.state_dict()} if ema is not None else {}),
                         "rng": checkpoint.rng_state(),
                         "step": step,
                         "recipe": cfg.recipe.name,
@@ -134,6 +142,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         tracker=tracker,
         hooks=Hooks(report=report, checkpoint=save, print=lambda m: say(m)),
         launched_at=payload.get("timings", {}).get("launched_at"),
+        ema=ema,
     )
 
 

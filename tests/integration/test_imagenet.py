@@ -48,7 +48,9 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 
 def test_smoke_run_learns_and_logs_top1_top5(tmp_path: Path, shared_outputs: Path) -> None:
-    out = launcher("recipe=imagenet", "scale=smoke", f"run.output_dir={shared_outputs}", cwd=tmp_path)
+    out = launcher(
+        "recipe=imagenet", "scale=smoke", "train.ema_decay=0.9", f"run.output_dir={shared_outputs}", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run_id = run_record(tmp_path)
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -60,6 +62,10 @@ def test_smoke_run_learns_and_logs_top1_top5(tmp_path: Path, shared_outputs: Pat
     assert top5[last] >= top1[last]
     params = client.get_run(run_id).data.params
     assert params["recipe.model"] == "resnet18" and params["plan.norm"] == "batch_norm"
+    ema_top1 = history(client, run_id, "eval_ema_top1")  # the EMA of the weights, evaluated beside them
+    assert set(ema_top1) == set(top1) and ema_top1[last] > 2 / classes
+    state = torch.load(max(shared_outputs.glob(f"ray/*{run_id[:8]}/checkpoint_*/state.pt")), weights_only=True)
+    assert set(state["ema"]) >= {f"module.{k}" for k in state["model"]}  # averaged weights and BN statistics
 
 
 def test_a_tree_it_has_not_seen(tmp_path: Path, shared_outputs: Path) -> None:
