@@ -107,8 +107,32 @@ class ImagenetRecipe:
     synthetic: Synthetic = field(default_factory=Synthetic)
 
 
-RecipeConfig = BertRecipe | ImagenetRecipe
-RECIPE_SCHEMAS: dict[str, type] = {"bert": BertRecipe, "imagenet": ImagenetRecipe}
+@dataclass(kw_only=True)
+class SyntheticCoco:
+    """A small real COCO-format set drawn locally (shapes with boxes and masks) when ``data.path`` is null."""
+
+    classes: int = 0  # 0: no synthetic set; data.path is required
+    train_images: int = 64
+    val_images: int = 16
+    size: int = 128  # pixels per side
+
+
+@dataclass(kw_only=True)
+class CocoRecipe:
+    name: Literal["coco"] = "coco"
+    reference: Reference
+    model: Literal["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn"] = "maskrcnn_resnet50_fpn"
+    trainable_backbone_layers: int = 3  # of 5; detectron2 freezes the stem and res2
+    min_size: int = 800  # shorter side after resizing (detectron2 / torchvision)
+    max_size: int = 1333
+    train_split: str = "train2017"  # annotations/instances_<split>.json and the image folder <split>/
+    val_split: str = "val2017"
+    keep_empty: bool = False  # keep training images without annotations (detectron2 drops them)
+    synthetic: SyntheticCoco = field(default_factory=SyntheticCoco)
+
+
+RecipeConfig = BertRecipe | ImagenetRecipe | CocoRecipe
+RECIPE_SCHEMAS: dict[str, type] = {"bert": BertRecipe, "imagenet": ImagenetRecipe, "coco": CocoRecipe}
 
 
 @dataclass(kw_only=True)
@@ -276,6 +300,11 @@ RANGES: dict[str, tuple[Any, str]] = {
     "recipe.synthetic.train_per_class": _AT_LEAST_1,
     "recipe.synthetic.val_per_class": _AT_LEAST_1,
     "recipe.synthetic.size": (lambda v: v >= 16, "an integer >= 16"),
+    "recipe.synthetic.train_images": _AT_LEAST_1,
+    "recipe.synthetic.val_images": _AT_LEAST_1,
+    "recipe.trainable_backbone_layers": (lambda v: 0 <= v <= 5, "an integer in [0, 5]"),
+    "recipe.min_size": _AT_LEAST_1,
+    "recipe.max_size": _AT_LEAST_1,
 }
 
 

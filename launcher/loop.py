@@ -203,9 +203,8 @@ def run(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterator[Batch],
-    eval_batches: Callable[[], Iterable[Batch]],
+    evaluate_model: Callable[[nn.Module], dict[str, float]],  # model (or its EMA) -> eval_* metrics
     count: Callable[[Batch], dict[str, int]],
-    eval_keys: list[str],
     plan: Plan,
     start_step: int,
     device: torch.device,
@@ -274,9 +273,9 @@ def run(
             window_start = time.perf_counter()
 
         if (eval_every and done % eval_every == 0) or last:
-            results = evaluate(model, eval_batches(), count, device, precision, eval_keys)
+            results = evaluate_model(model)
             if ema is not None:  # the averaged weights, on the same samples
-                averaged = evaluate(ema, eval_batches(), count, device, precision, eval_keys)
+                averaged = evaluate_model(ema)
                 results.update({k.replace("eval_", "eval_ema_", 1): v for k, v in averaged.items()})
             tracker.log_metrics(results, done)
             hooks.print(f"eval at step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))

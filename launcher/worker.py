@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from launcher import checkpoint
 from launcher.config import Config, validate
 from launcher.data import StepBatches, eval_shard
-from launcher.loop import Hooks, run
+from launcher.loop import Hooks, evaluate, run
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.planner import Plan
 from launcher.tracking import MlflowTracker, NullTracker, Tracker
@@ -99,6 +99,11 @@ def train_loop(payload: dict[str, Any]) -> None:
         for chunk in eval_shard(len(data.eval), rank, world, plan.micro_batch, cfg.train.eval_batches):
             yield collate([data.eval[i] for i in chunk])
 
+    def evaluate_model(m: torch.nn.Module) -> dict[str, float]:
+        if hasattr(recipe, "evaluate"):  # a recipe with its own metric (COCO mAP)
+            return recipe.evaluate(m, eval_batches(), data, device, cfg.train.precision)
+        return evaluate(m, eval_batches(), recipe.count, device, cfg.train.precision, recipe.METRICS)
+
     def report(step: int, metrics: dict[str, float]) -> None:
         ray.train.report({**metrics, "step": step})
 
@@ -128,9 +133,8 @@ def train_loop(payload: dict[str, Any]) -> None:
         optimizer=optimizer,
         scheduler=scheduler,
         batches=iter(loader),
-        eval_batches=eval_batches,
+        evaluate_model=evaluate_model,
         count=recipe.count,
-        eval_keys=recipe.METRICS,
         plan=plan,
         start_step=start_step,
         device=device,

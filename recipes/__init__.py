@@ -5,11 +5,13 @@
 - ``build_data(cfg, cache_dir) -> launcher.data.Data`` (checks the data, on the driver, before Ray);
 - ``count(batch) -> {key: units}``: what each returned sum averages over;
 - ``example_batch(cfg, n)``: a full-size synthetic batch of ``n`` samples (memory estimate);
-- ``METRICS``: the keys evaluation reports.
+- ``METRICS``: the keys evaluation reports;
+- optionally ``evaluate(model, batches, data, device, precision) -> {eval_*: value}`` for a metric
+  that is not a mean of per-sample sums (COCO mAP); every rank must return the same numbers.
 """
 
 from types import ModuleType
 
-from recipes import bert, imagenet
+from recipes import bert, coco, imagenet
 
-RECIPES: dict[str, ModuleType] = {"bert": bert, "imagenet": imagenet}
+RECIPES: dict[str, ModuleType] = {"bert": bert, "imagenet": imagenet, "coco": coco}
