@@ -12,6 +12,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -52,6 +53,53 @@ def test_smoke_run_logs_cocoeval_box_and_mask_ap(tmp_path: Path, shared_outputs:
             assert -1 <= metrics[f"eval_{kind}_{stat}"] <= 1, (kind, stat)
     assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(metrics)
     assert run.data.params["plan.norm"] == "frozen_bn"
+
+
+def test_a_set_it_has_not_seen_trains_and_evaluates(tmp_path: Path, shared_outputs: Path) -> None:
+    """Category ids 1, 3, 7 (not 1..N), an RLE crowd region, an image without annotations, in both splits."""
+    from pycocotools import mask as mask_util
+
+    root = coco_set(tmp_path / "data", val_images=5)
+    for split in ("train2017", "val2017"):
+        coco.write_split(root, "extra", 1, 96, coco.CATEGORIES[:1], random.Random(0))  # one more image file
+        (root / "extra" / "000000.jpg").rename(root / split / "empty.jpg")
+
+        def add(d: dict) -> None:
+            d["images"].append({"id": 500, "file_name": "empty.jpg", "height": 96, "width": 96})  # no annotations
+            region = np.zeros((96, 96), dtype=np.uint8, order="F")
+            region[10:40, 50:90] = 1
+            rle = mask_util.encode(region)
+            rle["counts"] = rle["counts"].decode("ascii")
+            d["annotations"].append(
+                {
+                    "id": 900,
+                    "image_id": 1,
+                    "category_id": 7,
+                    "iscrowd": 1,
+                    "bbox": [50, 10, 40, 30],
+                    "area": 1200,
+                    "segmentation": rle,
+                }
+            )
+
+        _edit(root, split, add)
+    out = launcher(
+        "recipe=coco",
+        "scale=smoke",
+        f"data.path={root}",
+        "recipe.min_size=96",
+        "recipe.max_size=96",
+        "train.max_steps=2",
+        "train.log_every=1",
+        f"run.output_dir={shared_outputs}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("launcher").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["eval_images"] == 6  # the 5 drawn ones and the empty one
+    assert "eval_segm_AP" in run.data.metrics and "eval_bbox_AP" in run.data.metrics
 
 
 def test_ground_truth_as_detections_scores_ap_1_however_it_is_sharded(tmp_path: Path) -> None:
@@ -212,6 +260,8 @@ def test_detectron2_1x_plan_and_its_rescaling(tmp_path: Path) -> None:
     assert (p["micro_batch"], p["grad_accum"], p["global_batch"]) == (2, 1, 16)
     assert (p["lr"], p["warmup_steps"], p["max_steps"], p["milestones"]) == (0.02, 1000, 90000, [60000, 80000])
     assert p["norm"] == "frozen_bn" and p["optimizer"] == "sgd"
+    assert any(r.startswith("norm frozen_bn: 2 samples per device < 32") for r in p["reasons"])
+    assert any("lr 0.02" in r for r in p["reasons"])
     big = plan("batch.global_batch=32")
     assert big["lr"] == pytest.approx(0.04) and big["max_steps"] == 45000 and big["milestones"] == [30000, 40000]
     assert big["warmup_steps"] == 500
