@@ -9,11 +9,15 @@ the world size or the micro-batch, and every sample is used once per epoch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset, Sampler
 
 
@@ -25,6 +29,23 @@ class Data:
     eval: Dataset
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]  # training micro-batches
     eval_collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None  # None: ``collate``
+
+
+def built_once(parent: Path, name: str, key: list[Any], build: Callable[[Path], None]) -> Path:
+    """``parent/<name>-<hash of key>``, filled by ``build`` once per key.
+
+    File-locked, so the workers of a node (and concurrent runs) build it once; a folder whose
+    build was interrupted is rebuilt, because only a finished build leaves ``.done``.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = parent / f"{name}-{digest}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if not (root / ".done").exists():
+            root.mkdir(exist_ok=True)
+            build(root)
+            (root / ".done").touch()
+    return root
 
 
 def eval_shard(n: int, rank: int, world: int, micro: int, limit: int = 0) -> list[list[int]]:

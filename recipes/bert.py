@@ -13,8 +13,6 @@ from ``count()``, which makes gradient accumulation exact with uneven token coun
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 import sysconfig
@@ -22,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from launcher.config import BertRecipe, Config
-from launcher.data import Data
+from launcher.data import Data, built_once
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
@@ -121,16 +118,8 @@ def example_batch(cfg: Config, n: int) -> dict[str, torch.Tensor]:
 def build_data(cfg: Config, cache_dir: Path) -> Data:
     """Tokenizer + sentence pairs, built once per cache key (file-locked), then loaded."""
     r = spec(cfg)
-    key = hashlib.sha256(
-        json.dumps(
-            [cfg.data.path, r.model.vocab_size, r.seq_len, r.corpus_max_mb, r.eval_fraction, cfg.run.seed, 2],
-        ).encode()
-    ).hexdigest()[:16]
-    where = cache_dir / f"bert-{key}"
-    where.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(where / ".lock")):
-        if not (where / "pairs.pt").exists():
-            _prepare(cfg, where)
+    key = [cfg.data.path, r.model.vocab_size, r.seq_len, r.corpus_max_mb, r.eval_fraction, cfg.run.seed, 2]
+    where = built_once(cache_dir, "bert", key, lambda root: _prepare(cfg, root))
     pairs = torch.load(where / "pairs.pt", weights_only=True)
     n_eval = pairs["n_eval"]
 
@@ -240,9 +229,7 @@ def _prepare(cfg: Config, where: Path) -> None:
     pairs["n_eval"] = max(1, int(n * r.eval_fraction))
     if n < 2 * pairs["n_eval"] or n < 16:
         raise ValueError(f"data.path: only {n} sentence pairs could be made from the corpus; give more text")
-    tmp = where / "pairs.pt.tmp"
-    torch.save(pairs, tmp)
-    tmp.rename(where / "pairs.pt")
+    torch.save(pairs, where / "pairs.pt")
 
 
 def read_corpus(path: str | None, max_bytes: int) -> list[list[str]]:

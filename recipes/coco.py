@@ -17,7 +17,6 @@ per-batch means times the number of images, i.e. sums over images.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -28,14 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from launcher.config import CocoRecipe, Config, ConfigError
-from launcher.data import Data
+from launcher.data import Data, built_once
 
 LOSSES = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_mask"]
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]  # COCOeval.stats[0:6]
@@ -361,16 +359,13 @@ def _synthetic(cfg: Config, cache_dir: Path) -> Path:
     if s.classes > len(CATEGORIES):
         raise ConfigError([f"recipe.synthetic.classes: at most {len(CATEGORIES)}, got {s.classes}"])
     r = spec(cfg)
-    key = hashlib.sha256(json.dumps([s.classes, s.train_images, s.val_images, s.size, cfg.run.seed, 1]).encode())
-    root = cache_dir / f"coco-{key.hexdigest()[:16]}"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        if not (root / ".done").exists():
-            rng = random.Random(cfg.run.seed)
-            for split, n in ((r.train_split, s.train_images), (r.val_split, s.val_images)):
-                write_split(root, split, n, s.size, CATEGORIES[: s.classes], rng)
-            (root / ".done").touch()
-    return root
+
+    def build(root: Path) -> None:
+        rng = random.Random(cfg.run.seed)
+        for split, n in ((r.train_split, s.train_images), (r.val_split, s.val_images)):
+            write_split(root, split, n, s.size, CATEGORIES[: s.classes], rng)
+
+    return built_once(cache_dir, "coco", [s.classes, s.train_images, s.val_images, s.size, cfg.run.seed, 1], build)
 
 
 def write_split(root: Path, split: str, n: int, size: int, cats: list[tuple[int, str]], rng: random.Random) -> None:

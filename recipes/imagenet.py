@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import colorsys
 import difflib
-import hashlib
-import json
 import random
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from launcher.config import Config, ConfigError, ImagenetRecipe
-from launcher.data import Data
+from launcher.data import Data, built_once
 
 METRICS = ["ce", "top1", "top5"]  # evaluation: mean loss, top-1 and top-5 accuracy
 
@@ -277,22 +274,19 @@ def _synthetic(cfg: Config, cache_dir: Path) -> Path:
         )
     if s.classes > len(SHAPES):
         raise ConfigError([f"recipe.synthetic.classes: at most {len(SHAPES)} (one per shape), got {s.classes}"])
-    key = hashlib.sha256(
-        json.dumps([s.classes, s.train_per_class, s.val_per_class, s.size, cfg.run.seed, 2]).encode()
-    ).hexdigest()[:16]
-    root = cache_dir / f"images-{key}"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        if not (root / ".done").exists():
-            rng = random.Random(cfg.run.seed)
-            for split, per_class in (("train", s.train_per_class), ("val", s.val_per_class)):
-                for c in SHAPES[: s.classes]:
-                    (root / split / c).mkdir(parents=True, exist_ok=True)
-                    for k in range(per_class):
-                        ext = "png" if k % 3 == 0 else "jpg"  # mixed formats, as real trees are
-                        draw_shape(c, s.size, rng).save(root / split / c / f"{k:05d}.{ext}")
-            (root / ".done").touch()
-    return root
+
+    def build(root: Path) -> None:
+        rng = random.Random(cfg.run.seed)
+        for split, per_class in (("train", s.train_per_class), ("val", s.val_per_class)):
+            for c in SHAPES[: s.classes]:
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                for k in range(per_class):
+                    ext = "png" if k % 3 == 0 else "jpg"  # mixed formats, as real trees are
+                    draw_shape(c, s.size, rng).save(root / split / c / f"{k:05d}.{ext}")
+
+    return built_once(
+        cache_dir, "images", [s.classes, s.train_per_class, s.val_per_class, s.size, cfg.run.seed, 2], build
+    )
 
 
 def draw_shape(shape: str, size: int, rng: random.Random) -> Image.Image:
