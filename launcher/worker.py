@@ -47,7 +47,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         parallel_strategy="ddp" if world > 1 else None,
         # No collective in forward: buffers are synced from rank 0 before eval and checkpoints
         # instead, which also lets ranks back off from an OOM without desynchronizing.
-        parallel_strategy_kwargs={"broadcast_buffers": False} if world > 1 else None,
+        parallel_strategy_kwargs={"forward_sync_buffers": False} if world > 1 else None,
     )
     raw_model = getattr(model, "module", model)
     optimizer = build_optimizer(raw_model, plan, cfg.optim)
