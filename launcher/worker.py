@@ -7,6 +7,7 @@ live objects, and never a ``${hydra:...}`` interpolation.
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +73,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         start_step = int(state["step"])
 
     tracker: Tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"]) if rank == 0 else NullTracker()
-    say = print if rank == 0 else (lambda _msg: None)
+    say = console if rank == 0 else (lambda _msg: None)
     if restored is not None:
         say(f"resumed from the checkpoint at step {start_step}")
 
@@ -144,7 +145,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         eval_every=cfg.train.eval_every,
         checkpoint_every=cfg.train.checkpoint_every,
         tracker=tracker,
-        hooks=Hooks(report=report, checkpoint=save, print=lambda m: say(m)),
+        hooks=Hooks(report=report, checkpoint=save, print=say),
         launched_at=payload.get("timings", {}).get("launched_at"),
         ema=ema,
     )
@@ -170,3 +171,10 @@ def convert_norm(model: torch.nn.Module, policy: str) -> torch.nn.Module:
         else:
             convert_norm(child, policy)
     return model
+
+
+def console(message: str) -> None:
+    """One line on the driver's console. Not ``print``: Ray Train patches it to go both to its
+    logger and to stdout, and the driver would show every line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()

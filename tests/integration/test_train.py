@@ -46,16 +46,17 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory, shared_outputs: Path) -> tuple[Path, str]:
-    """The 30-step smoke run at micro-batch 4 x accumulation 4 x 2 workers (its dir and stdout)."""
+    """The 30-step smoke run at micro-batch 4 x accumulation 4 x 2 workers (its dir and console output)."""
     cwd = tmp_path_factory.mktemp("smoke")
     out = launcher(*SHORT, "batch.micro_batch=4", f"run.output_dir={shared_outputs}", "run.name=smoke-test", cwd=cwd)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return cwd, out.stdout
+    return cwd, out.stdout + out.stderr  # the console, as a user sees it
 
 
 def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_path: Path, shared_outputs: Path) -> None:
     cwd, stdout = smoke
     assert "micro-batch / device  4" in stdout  # the plan is printed before training
+    assert stdout.count("eval at step 15:") == 1  # rank 0's console lines, once each
     client, run_id = only_run(f"sqlite:///{cwd / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke-test"
