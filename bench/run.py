@@ -29,13 +29,13 @@ def _median_run(runs: list[dict]) -> dict:
             "repeats": [{k: round(r[k], 2) for k in keys} for r in runs]}
 
 
-def launcher_run() -> dict:
+def launcher_run(*extra: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     store = WORK / f"mlflow-{time.time_ns()}.db"  # a new store per run: MLflow caches stores per URI
     cmd = [sys.executable, "-m", "launcher", "scale=smoke", f"train.max_steps={STEPS}", "train.log_every=10",
            "train.eval_batches=1", f"batch.micro_batch={MICRO}", f"run.output_dir={WORK / 'outputs'}",
-           "run.name=bench"]
+           "run.name=bench", *extra]
     started = time.perf_counter()
     subprocess.run(cmd, cwd=WORK, check=True, capture_output=True, text=True,
                    env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
@@ -73,12 +73,17 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     launcher_run()  # warm-up: builds the tokenizer/pairs cache both sides read, and the memory estimate
-    runs: dict[str, list[dict]] = {"launcher": [], "plain": []}
-    for _ in range(REPEATS):  # alternate, with a pause, so neither side inherits the other's shutdown
-        for name, fn in (("plain", torchrun_run), ("launcher", launcher_run)):
+    sides = {
+        "plain": torchrun_run,
+        "launcher": launcher_run,
+        "noise": lambda: launcher_run("train.measure_noise_scale=true"),  # the same run, measuring B_simple
+    }
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(REPEATS):  # alternate, with a pause, so no side inherits another's shutdown
+        for name, fn in sides.items():
             time.sleep(10)
             runs[name].append(fn())
-    ours, plain = (_median_run(runs[k]) for k in ("launcher", "plain"))
+    ours, plain, noise = (_median_run(runs[k]) for k in ("launcher", "plain", "noise"))
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     record = {
@@ -93,6 +98,8 @@ def main() -> None:
         "launcher": ours,
         "torchrun_plain_ddp": plain,
         "throughput_ratio": ours["samples_per_s"] / plain["samples_per_s"],
+        "launcher_measuring_noise_scale": noise,
+        "noise_scale_overhead": 1 - noise["samples_per_s"] / ours["samples_per_s"],
     }
     (RESULTS / "cpu_smoke.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{record['workload']}\n{record['device']}\n")
@@ -100,6 +107,8 @@ def main() -> None:
     for name, r in (("launcher", ours), ("torchrun + plain DDP", plain)):
         print(f"| {name} | {r['time_to_first_step_s']:.1f} | {r['samples_per_s']:.1f} | {r['wall_s']:.1f} |")
     print(f"\nthroughput ratio launcher / plain DDP: {record['throughput_ratio']:.3f}")
+    print(f"noise-scale measurement: {noise['samples_per_s']:.1f} samples/s, "
+          f"overhead {100 * record['noise_scale_overhead']:.1f}% of step time")
 
 
 if __name__ == "__main__":

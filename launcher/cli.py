@@ -22,7 +22,7 @@ HIDDEN_GROUPS = {"recipe_scale"}  # selected by interpolation, not by the user
 USAGE = """usage: python -m launcher [group=choice ...] [key=value ...]
 
 groups:   recipe={recipes}  scale={scales}  cluster={clusters}  tracking={trackings}  engine={engines}
-actions:  action=train (default) | action=plan [plan.format=json]
+actions:  action=train (default) | action=plan [plan.format=json] | action=lr_find [lr_find.steps=100]
 
 examples:
   python -m launcher scale=smoke                         # BERT smoke run on 2 CPU workers

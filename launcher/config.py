@@ -137,7 +137,8 @@ RECIPE_SCHEMAS: dict[str, type] = {"bert": BertRecipe, "imagenet": ImagenetRecip
 
 @dataclass(kw_only=True)
 class Run:
-    name: str | None = None  # MLflow run name; also the key that resumes a run (later)
+    name: str | None = None  # MLflow run name; the same name again continues that run from its last checkpoint
+    resume: bool = True  # false: a run.name that exists starts over as a new run
     seed: int = 0
     output_dir: str = "outputs"  # checkpoints and Ray storage, relative to the cwd
 
@@ -160,11 +161,12 @@ class Train:
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
     ema_decay: float | None = None  # a number: keep an EMA of the weights (and BN stats), evaluated as eval_ema_*
+    measure_noise_scale: bool = False  # log the gradient noise scale (critical batch) while training; needs 2+ workers
 
 
 @dataclass(kw_only=True)
 class Batch:
-    global_batch: int | None = None  # null: the recipe's reference global batch
+    global_batch: int | Literal["auto_noise_scale"] | None = None  # null: the reference's; see docs/batch-size.md
     micro_batch: int | Literal["auto"] = "auto"  # a number pins it; auto plans it
     scale_with_world: bool = False
 
@@ -190,7 +192,18 @@ class Planner:
     power_of_two: bool = False
     lr_rule: Literal["linear", "sqrt", "none", "auto"] = "auto"
     bn_min_group: int = 32  # samples per BatchNorm statistics group below which norm changes
+    advise: bool = False  # compare the global batch with the last measured noise scale of this recipe
     memory: Memory = field(default_factory=Memory)
+
+
+@dataclass(kw_only=True)
+class LrFind:
+    """``action=lr_find``: Smith's exponential LR sweep at the planned batch."""
+
+    min_lr: float = 1e-7
+    max_lr: float = 10.0
+    steps: int = 100  # optimizer steps at most (it stops when the loss diverges)
+    diverge: float = 4.0  # stop when the smoothed loss exceeds this many times its minimum
 
 
 @dataclass(kw_only=True)
@@ -219,11 +232,12 @@ class Engine:
 class Tracking:
     uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment: str = "launcher"
+    required: bool = True  # false: an unreachable server at launch falls back to a local store
 
 
 @dataclass(kw_only=True)
 class Config:
-    action: Literal["train", "plan"] = "train"
+    action: Literal["train", "plan", "lr_find"] = "train"
     choices: dict[str, str] = field(default_factory=dict)  # Hydra group choices (filled in)
     run: Run = field(default_factory=Run)
     data: Data = field(default_factory=Data)
@@ -232,6 +246,7 @@ class Config:
     optim: Optim = field(default_factory=Optim)
     planner: Planner = field(default_factory=Planner)
     plan: PlanOutput = field(default_factory=PlanOutput)
+    lr_find: LrFind = field(default_factory=LrFind)
     cluster: Cluster = field(default_factory=Cluster)
     engine: Engine = field(default_factory=Engine)
     tracking: Tracking = field(default_factory=Tracking)
@@ -258,7 +273,11 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.eval_batches": _NON_NEGATIVE,
     "train.grad_clip": _POSITIVE,
     "train.ema_decay": _FRACTION,
-    "batch.global_batch": _AT_LEAST_1,
+    "batch.global_batch": (lambda v: v is None or v == "auto_noise_scale" or v >= 1, "an integer >= 1"),
+    "lr_find.min_lr": _POSITIVE,
+    "lr_find.max_lr": _POSITIVE,
+    "lr_find.steps": (lambda v: v >= 10, "an integer >= 10"),
+    "lr_find.diverge": (lambda v: v > 1, "a number > 1"),
     "batch.micro_batch": _AT_LEAST_1,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
@@ -349,6 +368,8 @@ def validate(raw: dict[str, Any]) -> Config:
     """Check a composed config dict and build the typed ``Config``; raise ``ConfigError``."""
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors, recipe=_recipe_name(raw))
+    if isinstance(cfg, Config) and cfg.lr_find.max_lr <= cfg.lr_find.min_lr:
+        errors.append(f"lr_find.max_lr: got {cfg.lr_find.max_lr:g}, expected a number > lr_find.min_lr")
     if errors:
         raise ConfigError(errors)
     assert isinstance(cfg, Config)

@@ -6,16 +6,22 @@ it down at the end, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shutil
+import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from launcher.config import Config, ConfigError, to_dict
 from launcher.planner import Plan, PlanError, describe, plan, request_from_config
-from launcher.tracking import finish_run, mask, resolve_uri, start_run
+from launcher.tracking import DEFAULT_STORE, finish_run, mask, reopen_run, resolve_uri, start_run
 
 
 def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
@@ -33,7 +39,8 @@ def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
                     f"cluster.gpus_per_node: {hw.devices_per_node} GPUs described, "
                     f"{torch.cuda.device_count()} here; use action=plan to plan hardware that is not here"
                 )
-        p = plan(request_from_config(cfg, dataset_size), hw, memory_profile(cfg, RECIPES[cfg.recipe.name], hw))
+        noise = _noise_measurement(cfg)
+        p = plan(request_from_config(cfg, dataset_size, noise), hw, memory_profile(cfg, RECIPES[cfg.recipe.name], hw))
     except PlanError as e:
         raise ConfigError(e.errors) from None
     except ConfigError:
@@ -43,6 +50,24 @@ def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
     if p.deepspeed is not None:
         _check_deepspeed(p)
     return p
+
+
+def _noise_measurement(cfg: Config) -> tuple[float, str] | None:
+    """This recipe's last measured noise scale, looked up when the plan can use it (advice, auto batch)."""
+    auto = cfg.batch.global_batch == "auto_noise_scale"
+    if not (auto or cfg.planner.advise or cfg.action == "plan"):
+        return None
+    from launcher.tracking import latest_noise_scale
+
+    uri = resolve_uri(cfg.tracking.uri)
+    try:
+        return latest_noise_scale(uri, cfg.tracking.experiment, cfg.recipe.name, cfg.choices.get("scale", ""))
+    except Exception as e:  # noqa: BLE001 - advice is optional; an explicit auto batch is not
+        if auto:
+            raise ConfigError(
+                [f"batch.global_batch=auto_noise_scale: cannot read {mask(uri)}: {mask(str(e))[:200]}"]
+            ) from None
+        return None
 
 
 def _check_deepspeed(p: Plan) -> None:
@@ -60,7 +85,7 @@ def _check_deepspeed(p: Plan) -> None:
 
 
 def train(cfg: Config, timings: dict[str, float]) -> int:
-    """``action=train``: returns the process exit code."""
+    """``action=train`` and ``action=lr_find``: returns the process exit code."""
     from recipes import RECIPES
 
     if cfg.engine.name == "deepspeed":
@@ -70,31 +95,57 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
                 "action=plan prints (and validates) the DeepSpeed config it would use. Train with engine=ddp"
             ]
         )
-    t0 = time.perf_counter()
     out = Path(cfg.run.output_dir).resolve()
-    cache = out / "cache"
-    data = RECIPES[cfg.recipe.name].build_data(cfg, cache)  # bad data fails here, before Ray
+    uri = _tracking_uri(cfg, out)
+    resume = _find_resume(cfg, uri, out)
+
+    t0 = time.perf_counter()
+    data = RECIPES[cfg.recipe.name].build_data(cfg, out / "cache")  # bad data fails here, before Ray
     timings["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if resume is not None and resume.plan is not None:  # the sample position needs the same global batch
+        cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
     p = build_plan(cfg, len(data.train))
     timings["plan_s"] = time.perf_counter() - t0
-    print(describe(p), flush=True)
-
-    uri = resolve_uri(cfg.tracking.uri)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    name = cfg.run.name or f"{cfg.recipe.name}-{cfg.choices.get('scale', 'full')}-{datetime.now():%Y%m%d-%H%M%S}"
-    config_dict = to_dict(cfg)
-    try:
-        run_id = start_run(
-            uri,
-            cfg.tracking.experiment,
-            name,
-            config_dict,
-            p.to_dict(),
-            tags={"recipe": cfg.recipe.name, "scale": cfg.choices.get("scale", ""), "world_size": str(p.world_size)},
+    if cfg.train.measure_noise_scale and p.world_size < 2:
+        raise ConfigError(
+            [
+                "train.measure_noise_scale: needs 2 or more data-parallel workers (it compares one worker's "
+                "gradient with the all-reduced one); set cluster.num_workers >= 2"
+            ]
         )
+    if resume is not None:
+        p.reasons.append(resume.explain(p))
+    print(describe(p), flush=True)
+    if resume is not None and resume.step >= p.max_steps:
+        print(
+            f"run {resume.name} already reached step {resume.step} of {p.max_steps}: nothing to train. "
+            "Raise train.max_steps to continue it, or run.resume=false to start it over",
+            flush=True,
+        )
+        return 0
+
+    kind = "-lr_find" if cfg.action == "lr_find" else ""
+    name = cfg.run.name or f"{cfg.recipe.name}-{cfg.choices.get('scale', 'full')}{kind}-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        if resume is not None:
+            run_id = resume.run_id
+            reopen_run(uri, run_id, p.to_dict(), resume.step)
+        else:
+            run_id = start_run(
+                uri,
+                cfg.tracking.experiment,
+                name,
+                to_dict(cfg),
+                p.to_dict(),
+                tags={
+                    "recipe": cfg.recipe.name,
+                    "scale": cfg.choices.get("scale", ""),
+                    "world_size": str(p.world_size),
+                    "action": cfg.action,
+                },
+            )
     except Exception as e:  # noqa: BLE001 - any tracking failure: say where and how to fix
         raise ConfigError(
             [
@@ -102,40 +153,215 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
                 "(start the server, fix tracking.uri, or unset MLFLOW_TRACKING_URI)"
             ]
         ) from None
-    print(f"mlflow: run {name} ({run_id}) in {mask(uri)}", flush=True)
+    verb = f"continuing run {name}" if resume is not None else f"run {name}"
+    print(f"mlflow: {verb} ({run_id}) in {mask(uri)}", flush=True)
 
+    control = out / "control"
+    control.mkdir(parents=True, exist_ok=True)
+    stop_file, spool = control / f"{run_id}.stop", out / "spool" / f"{run_id}.json"
+    stop_file.unlink(missing_ok=True)
     status = "FAILED"
     try:
         t0 = time.perf_counter()
-        import ray
-
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 2, p.world_size * cfg.cluster.cpus_per_worker),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
+        _start_ray(p.world_size * cfg.cluster.cpus_per_worker)
         timings["ray_start_s"] = time.perf_counter() - t0
-        result = _fit(cfg, p, uri, run_id, name, out, timings)
-        status = "FINISHED" if result.error is None else "FAILED"
+        with _graceful_stop(stop_file):  # after ray.init, which sets its own SIGTERM handler
+            extra = {"resume": [str(d) for d in resume.dirs] if resume else [], "stop_file": str(stop_file)}
+            result = _fit(cfg, p, uri, run_id, name, out, timings, {**extra, "spool": str(spool)})
         if result.error is not None:
             print(f"{result.error}\n\ntraining failed: {root_cause(str(result.error))}", flush=True)
+        elif stop_file.exists():
+            status = "KILLED"
+            print(f"stopped as asked; resume with run.name={name}", flush=True)
+        else:
+            status = "FINISHED"
+            if cfg.action == "lr_find":
+                from mlflow.tracking import MlflowClient
+
+                metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+                print(lr_find_summary(metrics, p, cfg), flush=True)
     except Exception as e:  # noqa: BLE001 - Ray raises its own wrapper; the run is marked failed
         print(f"{type(e).__name__}: {e}\n\ntraining failed: {root_cause(f'{type(e).__name__}: {e}')}", flush=True)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        finish_run(uri, run_id, status)
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        _stop_ray(out / "logs" / f"{name}-{run_id[:8]}")
+        finish_run(uri, run_id, status, spool)
+        stop_file.unlink(missing_ok=True)
     print(f"mlflow: run {run_id} {status.lower()}; see it with `make mlflow-ui`", flush=True)
-    return 0 if status == "FINISHED" else 1
+    return {"FINISHED": 0, "KILLED": 130}.get(status, 1)
+
+
+def _tracking_uri(cfg: Config, out: Path) -> str:
+    """The tracking URI, checked within seconds; an unreachable server is an error unless not required."""
+    from launcher.tracking import check_reachable
+
+    uri = resolve_uri(cfg.tracking.uri)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # MLflow's "View run at <uri>" shows credentials
+    problem = check_reachable(uri)
+    if problem is None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        return uri
+    if cfg.tracking.required:
+        raise ConfigError(
+            [
+                f"tracking.uri: no MLflow server answers at {mask(uri)} ({mask(problem)}); start it "
+                "(mlflow server --host 127.0.0.1 --port 5000), fix tracking.uri or $MLFLOW_TRACKING_URI, "
+                "or set tracking.required=false to train and log to a local store"
+            ]
+        )
+    local = f"sqlite:///{out / DEFAULT_STORE}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"warning: tracking: {mask(uri)} unreachable ({mask(problem)}); logging to {local} instead", flush=True)
+    return local
+
+
+@dataclass
+class Resume:
+    """An earlier run of the same ``run.name`` to continue: its MLflow run and checkpoints."""
+
+    run_id: str
+    name: str
+    dirs: list[Path]  # complete checkpoints, newest first
+    step: int
+    plan: dict[str, Any] | None  # the plan the newest readable checkpoint was written under
+
+    def explain(self, p: Plan) -> str:
+        """The resume, and what changed in the plan since the checkpoint, with why."""
+        if self.plan is None:
+            return f"resume: run {self.name} has no checkpoint yet; it starts again from step 0 in the same MLflow run"
+        old = self.plan
+        text = f"resume: run {self.name} from step {self.step}; global batch {p.global_batch} kept, so the " \
+            "sample position stays valid"
+        if (old["world_size"], old["micro_batch"], old["grad_accum"]) != (p.world_size, p.micro_batch, p.grad_accum):
+            text += (
+                f"; world size {old['world_size']} -> {p.world_size}, so micro-batch x accumulation "
+                f"{old['micro_batch']} x {old['grad_accum']} -> {p.micro_batch} x {p.grad_accum} "
+                "(the same samples per step, split over the workers there are now)"
+            )
+        changed = [f"{k} {old[k]:g} -> {getattr(p, k):g}" for k in ("lr", "warmup_steps", "max_steps")
+                   if old.get(k) is not None and old[k] != getattr(p, k)]
+        if changed:
+            text += "; changed by this config: " + ", ".join(changed)
+        else:
+            text += "; lr schedule unchanged"
+        return text
+
+
+def _find_resume(cfg: Config, uri: str, out: Path) -> Resume | None:
+    """With ``run.name`` set and ``run.resume`` true: the newest earlier training run of that name, if any."""
+    if not cfg.run.name or not cfg.run.resume or cfg.action != "train":
+        return None
+    from launcher import checkpoint
+    from launcher.tracking import find_run
+
+    try:
+        found = find_run(uri, cfg.tracking.experiment, cfg.run.name)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError([f"tracking.uri: cannot look up run.name={cfg.run.name} at {mask(uri)}: {e}"]) from None
+    if found is None:
+        return None
+    run_id, recipe = found
+    if recipe != cfg.recipe.name:
+        raise ConfigError(
+            [
+                f"run.name: run {cfg.run.name} ({run_id[:8]}) trained recipe {recipe!r}, not {cfg.recipe.name!r}; "
+                "choose another run.name, or run.resume=false to start a new run under this name"
+            ]
+        )
+    dirs = checkpoint.candidates(out / "ray" / f"{cfg.run.name}-{run_id[:8]}")
+    metas = [m for m in map(checkpoint.meta, dirs) if m is not None]
+    newest = metas[0] if metas else None
+    return Resume(
+        run_id=run_id,
+        name=cfg.run.name,
+        dirs=dirs,
+        step=int(newest["step"]) if newest else 0,
+        plan=newest["plan"] if newest else None,
+    )
+
+
+@contextlib.contextmanager
+def _graceful_stop(stop_file: Path) -> Iterator[None]:
+    """SIGINT / SIGTERM once: ask the workers to checkpoint and stop (they see ``stop_file``).
+    A second one: stop at once (KeyboardInterrupt), keeping the last periodic checkpoint."""
+
+    def ask(signum: int, _frame: Any) -> None:
+        if stop_file.exists():
+            raise KeyboardInterrupt
+        stop_file.touch()
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
+            "(send it again to stop at once)",
+            flush=True,
+        )
+
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _start_ray(cpus: int) -> None:
+    """An embedded Ray for this run on 127.0.0.1, without dashboard."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # no spot preemption on this machine
+    # Ray turns a node address of 127.0.0.1 into the machine's outward IP, and its servers then
+    # listen on every interface; as a single-node Ray (its setting on macOS and Windows) it keeps
+    # 127.0.0.1 and its gRPC servers listen on loopback only.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 2, cpus),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        runtime_env={"worker_process_setup_hook": "launcher.raylog.quiet"},
+    )
+
+
+def _stop_ray(logs: Path) -> None:
+    """Shut the embedded Ray down; keep its logs with the run's outputs, remove its /tmp session."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = ray._private.worker._global_node
+    session = Path(node.get_session_dir_path()) if node is not None else None
+    ray.shutdown()
+    if session is None:
+        return
+    if (session / "logs").is_dir():
+        logs.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(session / "logs"), str(logs / session.name))
+    shutil.rmtree(session, ignore_errors=True)
+    latest = session.parent / "session_latest"
+    if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
+        latest.unlink()
+
+
+def lr_find_summary(found: dict[str, float], p: Plan, cfg: Config) -> str:
+    """What ``action=lr_find`` found, and the command line that uses it."""
+    steepest, low = found["lr_find_steepest_lr"], found["lr_find_min_loss_lr"]
+    diverged = found.get("lr_find_diverged_lr")
+    scale = cfg.choices.get("scale", "full")
+    lines = [
+        f"lr_find: {int(found['lr_find_steps'])} steps at global batch {p.global_batch} (planned lr {p.lr:.3g})",
+        f"  steepest descent   lr {steepest:.3g}   <- suggested",
+        f"  lowest loss        lr {low:.3g}",
+        f"  diverges           lr {diverged:.3g}" if diverged else "  diverges           not within lr_find.max_lr",
+        "curve: lr_find/curve.png and lr_find/curve.csv in the MLflow run",
+        f"use it: python -m launcher recipe={cfg.choices.get('recipe', cfg.recipe.name)} scale={scale} "
+        f"batch.global_batch={p.global_batch} optim.lr={steepest:.3g}",
+    ]
+    return "\n".join(lines)
 
 
 def root_cause(report: str) -> str:
@@ -150,9 +376,9 @@ def root_cause(report: str) -> str:
 
 
 def _fit(  # type: ignore[no-untyped-def]
-    cfg: Config, p: Plan, uri: str, run_id: str, name: str, out: Path, timings: dict[str, float]
+    cfg: Config, p: Plan, uri: str, run_id: str, name: str, out: Path, timings: dict[str, float], extra: dict
 ):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from launcher.worker import train_loop
@@ -167,18 +393,25 @@ def _fit(  # type: ignore[no-untyped-def]
             "tracking_uri": uri,
             "cache_dir": str(out / "cache"),
             "timings": timings,
+            **extra,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=p.world_size, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
         ),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # mypy sees Ray Train v1's RunConfig
             name=f"{name}-{run_id[:8]}",
             storage_path=str(out / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
+            # Ray Train's per-report and per-checkpoint INFO lines stay in its log files; the loop
+            # prints one progress line per log step instead
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+    # Ray Train's own Ctrl-C handler aborts the workers at once, without a checkpoint; the
+    # launcher's (_graceful_stop) asks them to checkpoint first, so Ray's is not installed.
+    trainer._register_sigint_handler = lambda _controller: None  # type: ignore[attr-defined]
     return trainer.fit()
 
 

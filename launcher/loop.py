@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.planner import Plan
 from launcher.tracking import Tracker
 
@@ -35,6 +36,16 @@ class Hooks:
     report: Callable[[int, dict[str, float]], None]  # every log step, on every rank
     checkpoint: Callable[[int, dict[str, float]], None]  # every checkpoint step, on every rank
     print: Callable[[str], None]  # rank 0's console; a no-op elsewhere
+    stop: Callable[[], bool] = lambda: False  # rank 0: was a graceful stop asked for (Ctrl-C, SIGTERM)?
+
+
+@dataclass
+class StepResult:
+    sums: dict[str, torch.Tensor]  # this rank's loss sums per term
+    totals: dict[str, torch.Tensor]  # the global batch's unit counts per term
+    small_sq: float | None = None  # |G_small|^2, mean over ranks (noise scale only)
+    big_sq: float | None = None  # |G_big|^2
+    stop: bool = False  # some rank was asked to stop after this step
 
 
 def world_size() -> int:
@@ -105,8 +116,15 @@ def train_step(
     device: torch.device,
     precision: str = "fp32",
     grad_clip: float | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-    """One optimizer step over this rank's micro-batches; returns (local loss sums, global counts).
+    local_norm: LocalGradNorm | None = None,
+    stop: bool = False,
+) -> StepResult | None:
+    """One optimizer step over this rank's micro-batches: local loss sums and global counts.
+
+    With ``local_norm`` (the DDP hook of ``launcher/noise.py``) it also returns the squared
+    norms the noise scale needs: this rank's gradient (averaged over ranks in the all-reduce
+    below, which runs anyway) and the all-reduced one. ``stop`` (a graceful stop asked on
+    this rank) rides the same all-reduce, so every rank learns it at the same step.
 
     Returns None, with gradients cleared and no step taken, when any rank ran out of memory;
     all ranks learn it from one all-reduce and back off together. DDP's only collective is
@@ -121,6 +139,8 @@ def train_step(
     no_sync = getattr(model, "no_sync", None)
     sums: dict[str, torch.Tensor] = {}
     oom = False
+    if local_norm is not None:
+        local_norm.reset()
     for i, batch in enumerate(micro_batches):
         final = i == len(micro_batches) - 1
         if oom and not final:
@@ -156,14 +176,25 @@ def train_step(
                     out = model(to_device(split(batch, batch_size(batch))[0], device))
                     loss = sum(v * 0.0 for v in out.values())
                 loss.backward()
-    if all_sum(torch.tensor([float(oom)], device=device)).item():
+    local_sq = local_norm.sq if local_norm is not None and local_norm.sq is not None else 0.0
+    flags = all_sum(
+        torch.tensor([float(oom), float(local_sq), float(stop)], dtype=torch.float64, device=device)
+    ).tolist()
+    if flags[0]:
         optimizer.zero_grad(set_to_none=True)
         return None
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    result = StepResult(sums, {k: totals[k] for k in sums}, stop=flags[2] > 0)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if local_norm is not None:
+        norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        result.small_sq, result.big_sq = flags[1] / world, float(norm) ** 2
+        if grad_clip:
+            nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    elif grad_clip:
+        nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return sums, {k: totals[k] for k in sums}
+    return result
 
 
 @torch.no_grad()
@@ -217,6 +248,7 @@ def run(
     hooks: Hooks,
     launched_at: float | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
+    noise: tuple[LocalGradNorm, NoiseScale] | None = None,
 ) -> dict[str, float]:
     """Train from ``start_step`` to ``plan.max_steps``; returns the last metrics."""
     window: dict[str, torch.Tensor] = {}
@@ -224,6 +256,7 @@ def run(
     window_start, window_steps = time.perf_counter(), 0
     metrics: dict[str, float] = {}
     parts = 1  # each planned micro-batch is cut into this many after out-of-memory back-offs
+    noise_metrics: dict[str, float] = {}
     model.train()
     for step in range(start_step, plan.max_steps):
         micro = [next(batches) for _ in range(plan.grad_accum)]
@@ -231,12 +264,22 @@ def run(
         while True:
             pieces = micro if parts == 1 else [piece for b in micro for piece in split(b, parts)]
             result = train_step(
-                model, optimizer, pieces, count, device=device, precision=precision, grad_clip=grad_clip
+                model,
+                optimizer,
+                pieces,
+                count,
+                device=device,
+                precision=precision,
+                grad_clip=grad_clip,
+                local_norm=noise[0] if noise else None,
+                stop=hooks.stop(),
             )
             if result is not None:
                 break
             parts = _back_off(parts, max(batch_size(b) for b in pieces), step + 1, plan, tracker, hooks)
-        sums, totals = result
+        sums, totals = result.sums, result.totals
+        if noise is not None and result.small_sq is not None and result.big_sq is not None:
+            noise_metrics = noise[1].update(result.small_sq, result.big_sq)
         if ema is not None:
             ema.update_parameters(getattr(model, "module", model))
         scheduler.step()
@@ -249,7 +292,7 @@ def run(
             first = {"time_to_first_step_s": time.time() - launched_at}
             tracker.log_metrics(first, done)
             hooks.print(f"first optimizer step {first['time_to_first_step_s']:.1f}s after the command started")
-        last = done == plan.max_steps
+        last = done == plan.max_steps or result.stop
 
         if done % log_every == 0 or last:
             keys = sorted(window)
@@ -261,12 +304,14 @@ def run(
             metrics["samples_per_s"] = plan.global_batch * window_steps / elapsed
             metrics["grad_accum"] = plan.grad_accum * parts
             metrics["micro_batch"] = -(-plan.micro_batch // parts)
+            metrics.update(noise_metrics)
             tracker.log_metrics(metrics, done)
             terms = " ".join(f"{k} {metrics[k]:.3f}" for k in keys)
+            extra = f" | noise scale {noise_metrics['noise_scale']:.4g}" if noise_metrics else ""
             eta = (plan.max_steps - done) * elapsed / window_steps
             hooks.print(
                 f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({terms}) | "
-                f"lr {metrics['lr']:.3g} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s"
+                f"lr {metrics['lr']:.3g}{extra} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s"
             )
             hooks.report(done, metrics)
             window, window_counts, window_steps = {}, {}, 0
@@ -286,6 +331,9 @@ def run(
             sync_buffers(model)
             hooks.checkpoint(done, metrics)
             window_start = time.perf_counter()
+        if result.stop:
+            hooks.print(f"stopped at step {done} of {plan.max_steps} as asked; the checkpoint above resumes it")
+            break
     return metrics
 
 

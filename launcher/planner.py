@@ -86,6 +86,10 @@ class Request:
     zero_stage: int | None = None  # engine.zero_stage (None = auto)
     grad_clip: float | None = None  # train.grad_clip (for the DeepSpeed config)
     precision: str = "auto"  # train.precision: auto (bf16 on CUDA) | fp32 | bf16
+    auto_noise_scale: bool = False  # batch.global_batch=auto_noise_scale: the measured critical batch
+    advise: bool = False  # planner.advise
+    noise_scale: float | None = None  # the last measured B_simple of this recipe (MLflow), if any
+    noise_source: str = ""  # where it was measured (run, step)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,6 +185,13 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     max_steps, warmup = _steps(req, global_batch, lr, rule, reasons)
     optimizer = _optimizer(req, global_batch, reasons)
     norm = _norm(req, micro, world, hw.device, reasons)
+    if req.noise_scale is not None:
+        reasons.append(f"advice: {advice(global_batch, req.noise_scale)} (measured in {req.noise_source})")
+    elif req.advise:
+        reasons.append(
+            "advice: no noise-scale measurement of this recipe and scale yet; "
+            "train once with train.measure_noise_scale=true to measure the critical batch"
+        )
     weight_decay = ref.weight_decay if req.weight_decay is None else req.weight_decay
     milestones = [max(1, round(f * max_steps)) for f in ref.milestones]
     if ref.schedule == "step" and milestones:
@@ -219,6 +230,30 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     if req.engine == "deepspeed":
         p.deepspeed = deepspeed_config(p, req, hw)
     return p
+
+
+def advice(global_batch: int, noise_scale: float) -> str:
+    """What the measured critical batch B_noise means for a global batch B (McCandlish et al. 2018, eq. 2.11).
+
+    Steps to a given loss S = S_min (1 + B_noise / B); samples to it E = E_min (1 + B / B_noise).
+    """
+    ratio = global_batch / noise_scale
+    head = (
+        f"global batch {global_batch} is {ratio:.2g}x the measured critical batch {noise_scale:.0f}: "
+        f"about {1 + 1 / ratio:.2f}x the fewest possible steps and {1 + ratio:.2f}x the fewest samples "
+        "to the same loss"
+    )
+    if ratio >= 2:
+        return head + (
+            "; well above it, a bigger batch (more devices) barely cuts the steps and mostly spends compute, "
+            f"a batch near {noise_scale:.0f} needs far fewer samples"
+        )
+    if ratio <= 0.5:
+        return head + (
+            f"; well below it, a bigger batch (more devices, up to about {noise_scale:.0f}) would cut the steps "
+            "almost in proportion at little extra compute"
+        )
+    return head + "; near it, the time/compute balance the paper recommends"
 
 
 def deepspeed_config(p: Plan, req: Request, hw: Hardware) -> dict[str, Any]:
@@ -271,6 +306,16 @@ def _target_global(req: Request, world: int, reasons: list[str]) -> int:
     ref = req.reference
     base = req.global_batch or ref.global_batch
     origin = "batch.global_batch" if req.global_batch else f"the reference ({ref.source or 'recipe'})"
+    if req.auto_noise_scale:
+        if req.noise_scale is None:
+            raise PlanError(
+                [
+                    "batch.global_batch: auto_noise_scale needs a noise-scale measurement of this recipe and scale; "
+                    "train once with train.measure_noise_scale=true (it is looked up in tracking.experiment)"
+                ]
+            )
+        base = max(1, round(req.noise_scale))
+        origin = f"the measured critical batch B_simple {req.noise_scale:.1f} ({req.noise_source})"
     if req.scale_with_world:
         target = max(1, round(base * world / ref.devices))
         reasons.append(
@@ -534,7 +579,9 @@ def _norm(req: Request, micro: int, world: int, device: str, reasons: list[str])
     return policy
 
 
-def request_from_config(cfg: Config, dataset_size: int | None = None) -> Request:
+def request_from_config(
+    cfg: Config, dataset_size: int | None = None, noise: tuple[float, str] | None = None
+) -> Request:
     """The planner's request for a validated config (the key each field comes from is its name)."""
     r = cfg.recipe.reference
     ref = Reference(
@@ -560,9 +607,14 @@ def request_from_config(cfg: Config, dataset_size: int | None = None) -> Request
         source=r.source,
     )
     micro = cfg.batch.micro_batch
+    auto_noise = cfg.batch.global_batch == "auto_noise_scale"
     return Request(
         reference=ref,
-        global_batch=cfg.batch.global_batch,
+        global_batch=None if auto_noise else cfg.batch.global_batch,  # type: ignore[arg-type]
+        auto_noise_scale=auto_noise,
+        advise=cfg.planner.advise,
+        noise_scale=noise[0] if noise else None,
+        noise_source=noise[1] if noise else "",
         micro_batch=None if micro == "auto" else int(micro),
         scale_with_world=cfg.batch.scale_with_world,
         lr=cfg.optim.lr,

@@ -4,17 +4,28 @@ The driver creates the run before any worker starts (so config and plan are reco
 if training never begins) and sets its final status. Inside the workers, rank 0 gets an
 ``MlflowTracker`` for that run id; every other rank gets a ``NullTracker``. Nothing else
 checks the rank for logging.
+
+A tracking server that goes away mid-run does not stop training: ``MlflowTracker`` keeps
+what it could not send, retries every ``RETRY_S`` seconds without blocking the step, and
+sends the backlog when the server is back. What is still unsent at the end is written to a
+spool file that the driver sends (or reports) after training.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 DEFAULT_STORE = "mlflow.db"
+RETRY_S = 5.0  # between attempts to reach a server that went away
+REACH_TIMEOUT_S = 5.0  # the launch-time reachability check
 
 
 def resolve_uri(configured: str | None) -> str:
@@ -35,6 +46,7 @@ def mask(text: str) -> str:
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def close(self) -> None: ...
 
 
 class NullTracker:
@@ -46,24 +58,76 @@ class NullTracker:
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class MlflowTracker:
-    """Rank 0's handle on the run the driver opened."""
+    """Rank 0's handle on the run the driver opened; survives a tracking server outage."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, spool: Path, say: Callable[[str], None] = print) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # no blocking retries: the backlog retries
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+        self.client, self.run_id, self.uri = MlflowClient(tracking_uri=uri), run_id, uri
+        self.spool, self.say = spool, say
+        self.pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        self.pending_dicts: list[tuple[dict[str, Any], str]] = []
+        self.down_since: float | None = None
+        self.next_try = 0.0
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self.pending += [(k, float(v), now, step) for k, v in metrics.items()]
+        self.flush()
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self.client.log_dict(self.run_id, data, name)
+        self.pending_dicts.append((data, name))
+        self.flush()
+
+    def flush(self, wait: bool = False) -> bool:
+        """Send the backlog; True when nothing is left. Between retries, returns at once."""
+        if not (self.pending or self.pending_dicts):
+            return True
+        if not wait and time.monotonic() < self.next_try:
+            return False
+        from mlflow.entities import Metric
+
+        try:
+            while self.pending:
+                chunk = self.pending[:1000]
+                self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk], synchronous=True)
+                del self.pending[: len(chunk)]
+            while self.pending_dicts:
+                self.client.log_dict(self.run_id, *self.pending_dicts[0])
+                del self.pending_dicts[0]
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store: keep the data, retry later
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self.say(
+                    f"tracking: cannot reach {mask(self.uri)} ({mask(str(e)).splitlines()[0][:160]}); "
+                    f"training goes on, metrics are kept and resent every {RETRY_S:g}s"
+                )
+            self.next_try = time.monotonic() + RETRY_S
+            return False
+        if self.down_since is not None:
+            away = time.monotonic() - self.down_since
+            self.say(f"tracking: {mask(self.uri)} is back after {away:.0f}s; backlog sent")
+            self.down_since = None
+        return True
+
+    def close(self, patience_s: float = 30.0) -> None:
+        """At the end of training: send the backlog, waiting up to ``patience_s``; else spool it to a file."""
+        deadline = time.monotonic() + patience_s
+        while not self.flush(wait=True):
+            if time.monotonic() > deadline:
+                self.spool.parent.mkdir(parents=True, exist_ok=True)
+                record = {"metrics": self.pending, "dicts": [[d, n] for d, n in self.pending_dicts]}
+                self.spool.write_text(json.dumps(record))
+                self.say(f"tracking: {len(self.pending)} metric values not sent; kept in {self.spool}")
+                return
+            time.sleep(RETRY_S)
 
 
 def start_run(
@@ -91,10 +155,100 @@ def start_run(
     return run_id
 
 
-def finish_run(uri: str, run_id: str, status: str) -> None:
+def latest_noise_scale(uri: str, experiment: str, recipe: str, scale: str) -> tuple[float, str] | None:
+    """The last ``noise_scale`` logged by the newest run of this recipe and scale, and where it came from.
+
+    None when there is none, or no store yet (a missing SQLite file is not created by looking).
+    """
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        return None
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.recipe = '{recipe}' and tags.scale = '{scale}' and metrics.noise_scale > 0",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    last = max(client.get_metric_history(run.info.run_id, "noise_scale"), key=lambda m: m.step)
+    return last.value, f"run {run.info.run_name} ({run.info.run_id[:8]}) at step {last.step}"
+
+
+def find_run(uri: str, experiment: str, name: str) -> tuple[str, str] | None:
+    """(run id, recipe) of the newest training run called ``name`` in ``experiment``, if any."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    escaped = name.replace("'", "\\'")
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"attributes.run_name = '{escaped}' and tags.action = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return (runs[0].info.run_id, runs[0].data.tags.get("recipe", "")) if runs else None
+
+
+def reopen_run(uri: str, run_id: str, plan: dict[str, Any], step: int) -> None:
+    """Mark an earlier run running again; its new plan goes beside the first (params stay as they were)."""
+    from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    client.log_dict(run_id, plan, f"resume/plan_at_step_{step}.json")
+    client.set_tag(run_id, "resumed_at_step", str(step))
+
+
+def finish_run(uri: str, run_id: str, status: str, spool: Path | None = None) -> None:
+    """Send what rank 0 spooled (if anything) and set the run's final status; never raises."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if spool is not None and spool.exists():
+            record = json.loads(spool.read_text())
+            metrics = [Metric(*m) for m in record["metrics"]]
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(run_id, metrics=metrics[i : i + 1000], synchronous=True)
+            for data, name in record["dicts"]:
+                client.log_dict(run_id, data, name)
+            spool.unlink()
+            print(f"tracking: sent {len(metrics)} spooled metric values", flush=True)
+        client.set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001 - training is over; say what was not recorded and where it is
+        kept = f"; unsent metrics are in {spool}" if spool is not None and spool.exists() else ""
+        print(
+            f"tracking: could not mark run {run_id} {status} at {mask(uri)} ({mask(str(e))[:200]}){kept}",
+            flush=True,
+        )
+
+
+def check_reachable(uri: str) -> str | None:
+    """None if an http(s) tracking server answers ``/health`` within seconds; else why not."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    bare = re.sub(r"(?<=://)[^/@\s]+@", "", uri).rstrip("/")  # /health needs no credentials
+    try:
+        with urllib.request.urlopen(f"{bare}/health", timeout=REACH_TIMEOUT_S) as r:
+            return None if r.status == 200 else f"/health answered HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"/health answered HTTP {e.code}; is this an MLflow server?"
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,6 +6,8 @@ live objects, and never a ``${hydra:...}`` interpolation.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from launcher import checkpoint
 from launcher.config import Config, validate
 from launcher.data import StepBatches, eval_shard
 from launcher.loop import Hooks, evaluate, run
+from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.planner import Plan
 from launcher.tracking import MlflowTracker, NullTracker, Tracker
@@ -31,6 +34,11 @@ def train_loop(payload: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
     cfg: Config = validate(payload["config"])
     plan = Plan.from_dict(payload["plan"])
+    # Ray Train logs every ``ray.train.report`` at INFO from a logger named after its file, which
+    # RunConfig(logging_config=...) does not reach; the loop prints its own progress line.
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world != plan.world_size:
@@ -51,6 +59,10 @@ def train_loop(payload: dict[str, Any]) -> None:
         parallel_strategy_kwargs={"forward_sync_buffers": False} if world > 1 else None,
     )
     raw_model = getattr(model, "module", model)
+    noise = None
+    if cfg.train.measure_noise_scale:  # world >= 2, checked on the driver
+        per_rank = plan.micro_batch * plan.grad_accum
+        noise = (LocalGradNorm.attach(model), NoiseScale(b_small=per_rank, b_big=plan.global_batch))
     optimizer = build_optimizer(raw_model, plan, cfg.optim)
     scheduler = build_scheduler(optimizer, plan)
     ema = None
@@ -59,23 +71,35 @@ def train_loop(payload: dict[str, Any]) -> None:
 
         ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
 
-    start_step = 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = checkpoint.load(Path(d))
+    say = console if rank == 0 else (lambda _msg: None)
+
+    def apply(state: dict[str, Any]) -> None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
+        if noise is not None and "noise_scale" in state:
+            noise[1].load_state_dict(state["noise_scale"])
         checkpoint.set_rng_state(state["rng"])
-        start_step = int(state["step"])
 
-    tracker: Tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"]) if rank == 0 else NullTracker()
-    say = console if rank == 0 else (lambda _msg: None)
-    if restored is not None:
-        say(f"resumed from the checkpoint at step {start_step}")
+    # Ray's own checkpoint after a worker failure in this run, else the driver's (resume by name)
+    latest = ray.train.get_checkpoint()
+    dirs = ([Path(latest.path)] if latest is not None else []) + [
+        Path(d) for d in payload.get("resume", []) if latest is None or Path(d) != Path(latest.path)
+    ]
+    start_step = 0
+    found = checkpoint.restore(dirs, cfg.recipe.name, apply, say) if cfg.action == "train" else None
+    if found is not None:
+        start_step = int(found[1]["step"])
+        say(f"resumed from {found[0].name} at step {start_step}")
+
+    tracker: Tracker = (
+        MlflowTracker(payload["tracking_uri"], payload["run_id"], Path(payload["spool"]), say)
+        if rank == 0
+        else NullTracker()
+    )
+    stop_file = Path(payload["stop_file"])
 
     sampler = StepBatches(
         len(data.train),
@@ -95,6 +119,10 @@ def train_loop(payload: dict[str, Any]) -> None:
         persistent_workers=cfg.data.num_workers > 0,
     )
 
+    if cfg.action == "lr_find":
+        _lr_find(cfg, plan, model, optimizer, loader, recipe.count, device, tracker, say)
+        return
+
     def eval_batches() -> Iterator[dict[str, torch.Tensor]]:
         collate = data.eval_collate or data.collate
         for chunk in eval_shard(len(data.eval), rank, world, plan.micro_batch, cfg.train.eval_batches):
@@ -111,6 +139,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     def save(step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
+                plan_record = {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")}
                 checkpoint.save(
                     Path(tmp),
                     {
@@ -118,11 +147,13 @@ def train_loop(payload: dict[str, Any]) -> None:
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         **({"ema": ema.state_dict()} if ema is not None else {}),
+                        **({"noise_scale": noise[1].state_dict()} if noise is not None else {}),
                         "rng": checkpoint.rng_state(),
                         "step": step,
                         "recipe": cfg.recipe.name,
-                        "plan": {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")},
+                        "plan": plan_record,
                     },
+                    {"recipe": cfg.recipe.name, "step": step, "plan": plan_record},
                 )
                 ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
@@ -145,10 +176,50 @@ def train_loop(payload: dict[str, Any]) -> None:
         eval_every=cfg.train.eval_every,
         checkpoint_every=cfg.train.checkpoint_every,
         tracker=tracker,
-        hooks=Hooks(report=report, checkpoint=save, print=say),
+        hooks=Hooks(report=report, checkpoint=save, print=say, stop=stop_file.exists if rank == 0 else (lambda: False)),
         launched_at=payload.get("timings", {}).get("launched_at"),
         ema=ema,
+        noise=noise,
     )
+    tracker.close()
+
+
+def _lr_find(  # type: ignore[no-untyped-def]
+    cfg: Config, plan: Plan, model, optimizer, loader: DataLoader, count, device, tracker: Tracker, say
+) -> None:
+    """``action=lr_find`` on every rank; rank 0 logs the curve and suggestion, all report the suggestion."""
+    from launcher import lr_find
+
+    batches = iter(loader)
+    steps = (list(itertools.islice(batches, plan.grad_accum)) for _ in itertools.count())
+    schedule = lr_find.lrs(cfg.lr_find.steps, cfg.lr_find.min_lr, cfg.lr_find.max_lr)
+    say(
+        f"lr_find: {len(schedule)} steps from lr {schedule[0]:.3g} to {schedule[-1]:.3g} at global batch "
+        f"{plan.global_batch} ({plan.micro_batch} x {plan.grad_accum} x {plan.world_size})"
+    )
+    tried, losses = lr_find.range_test(
+        model,
+        optimizer,
+        steps,
+        count,
+        schedule=schedule,
+        diverge=cfg.lr_find.diverge,
+        device=device,
+        precision=cfg.train.precision,
+        grad_clip=cfg.train.grad_clip,
+        progress=say,
+    )
+    found = lr_find.suggest(tried, lr_find.smooth(losses), cfg.lr_find.diverge)
+    for i, (lr, loss) in enumerate(zip(tried, losses, strict=True)):
+        tracker.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, i + 1)
+    if isinstance(tracker, MlflowTracker):
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in lr_find.save_curve(tried, losses, found, Path(tmp)):
+                tracker.client.log_artifact(tracker.run_id, str(path), "lr_find")
+    summary = {f"lr_find_{k}": v for k, v in found.items() if v is not None} | {"lr_find_steps": len(tried)}
+    tracker.log_metrics(summary, len(tried))
+    tracker.log_dict({**found, "steps": len(tried), "global_batch": plan.global_batch}, "lr_find/result.json")
+    tracker.close()
 
 
 def convert_norm(model: torch.nn.Module, policy: str) -> torch.nn.Module:

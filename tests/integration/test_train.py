@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from launcher.optim import lr_factor
 from launcher.planner import Plan
-from tests.conftest import launcher
+from tests.conftest import free_port, launcher, start_mlflow_server
 
 SHORT = [
     "scale=smoke",
@@ -46,11 +40,37 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory, shared_outputs: Path) -> tuple[Path, str]:
-    """The 30-step smoke run at micro-batch 4 x accumulation 4 x 2 workers (its dir and console output)."""
+    """The 30-step smoke run at micro-batch 4 x accumulation 4 x 2 workers, measuring the noise scale
+    (its dir and console output)."""
     cwd = tmp_path_factory.mktemp("smoke")
-    out = launcher(*SHORT, "batch.micro_batch=4", f"run.output_dir={shared_outputs}", "run.name=smoke-test", cwd=cwd)
+    out = launcher(
+        *SHORT,
+        "batch.micro_batch=4",
+        "train.measure_noise_scale=true",
+        f"run.output_dir={shared_outputs}",
+        "run.name=smoke-test",
+        cwd=cwd,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return cwd, out.stdout + out.stderr  # the console, as a user sees it
+
+
+def test_noise_scale_is_logged_and_advises_the_next_plan(smoke: tuple[Path, str]) -> None:
+    cwd, stdout = smoke
+    client, run_id = only_run(f"sqlite:///{cwd / 'mlflow.db'}")
+    noise = history(client, run_id, "noise_scale")
+    trace, grad_sq = history(client, run_id, "noise_trace"), history(client, run_id, "noise_grad_sq")
+    assert sorted(noise) == [5, 10, 15, 20, 25, 30] and "| noise scale " in stdout
+    assert all(math.isfinite(v) and v > 0 for v in noise.values()) and all(v > 0 for v in trace.values())
+    assert noise[30] == pytest.approx(trace[30] / grad_sq[30], rel=1e-6)
+
+    out = launcher("scale=smoke", "action=plan", cwd=cwd)  # the same store: the measurement is found
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "advice: global batch 32 is" in out.stdout and "run smoke-test" in out.stdout
+    out = launcher("scale=smoke", "action=plan", "batch.global_batch=auto_noise_scale", "plan.format=json", cwd=cwd)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["target_global_batch"] == max(1, round(noise[30]))
+    assert len(client.search_runs([client.get_experiment_by_name("launcher").experiment_id])) == 1  # plan logs nothing
 
 
 def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_path: Path, shared_outputs: Path) -> None:
@@ -159,48 +179,9 @@ def test_tracking_uri_from_the_environment_wins(tmp_path: Path, shared_outputs: 
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path: Path):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--workers",
-            "1",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start in 90 s")
+def mlflow_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    proc, url = start_mlflow_server(tmp_path, free_port())
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -568,3 +568,28 @@ def test_anchor_warmup_only_with_the_anchor_lr() -> None:
     assert p.lr_rule == "sqrt"
     assert not has_reason(p, "from the published anchor")
     assert p.warmup_steps == round(BERT.warmup_steps * BERT.global_batch / 32768)  # 78, the rescaled warmup
+
+
+# --- batch-size science: advice from a measured noise scale ---------------------------------------
+
+
+def test_advice_is_a_reason_and_never_changes_the_plan() -> None:
+    plain = make(global_batch=1024)
+    advised = make(global_batch=1024, noise_scale=100.0, noise_source="run x at step 9")
+    assert (advised.global_batch, advised.lr, advised.max_steps) == (plain.global_batch, plain.lr, plain.max_steps)
+    # B = 1024 vs B_noise = 100: steps 1 + 100/1024 = 1.10x the minimum, samples 1 + 10.24 = 11.24x
+    assert has_reason(advised, "advice:", "10x the measured critical batch 100", "1.10x", "11.24x", "well above")
+    assert has_reason(make(global_batch=16, noise_scale=100.0), "well below", "1.16x the fewest samples")
+    assert has_reason(make(global_batch=128, noise_scale=100.0), "near it")
+
+
+def test_advise_without_a_measurement_says_how_to_get_one() -> None:
+    assert has_reason(make(advise=True), "advice:", "train.measure_noise_scale=true")
+    assert not any("advice" in r for r in make().reasons)
+
+
+def test_auto_noise_scale_takes_the_measured_critical_batch() -> None:
+    p = make(auto_noise_scale=True, noise_scale=511.6, noise_source="run y at step 300")
+    assert p.target_global_batch == 512 and p.lr == pytest.approx(0.1 * 512 / 256)
+    assert has_reason(p, "measured critical batch B_simple 511.6 (run y at step 300)")
+    assert "batch.global_batch: auto_noise_scale needs a noise-scale measurement" in plan_error(auto_noise_scale=True)
