@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ import torch
 
 FILE = "state.pt"
 META = "meta.json"
+
+
+class Unreadable(Exception):
+    """A part of a checkpoint (a rank's shard) cannot be read: skip the checkpoint for the one before."""
 
 
 class CheckpointMismatch(RuntimeError):
@@ -31,11 +36,28 @@ def save(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (FILE + ".tmp")
     torch.save(state, tmp)
+    _die_mid_write(tmp, int(meta.get("step", -1)))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     (directory / META).write_text(json.dumps({**meta, "bytes": tmp.stat().st_size}))
     tmp.replace(directory / FILE)
     return directory / FILE
+
+
+def _die_mid_write(tmp: Path, step: int) -> None:
+    """Fault injection for tests: ``$LAUNCHER_INJECT_CHECKPOINT_KILL=<step>:<marker file>`` kills this
+    process (SIGKILL) halfway through writing the checkpoint of that step, once (the marker file
+    says it happened). Unset (always, outside tests): nothing."""
+    spec = os.environ.get("LAUNCHER_INJECT_CHECKPOINT_KILL")
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if int(at) != step or Path(marker).exists():
+        return
+    Path(marker).touch()
+    with open(tmp, "r+b") as f:
+        f.truncate(tmp.stat().st_size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load(directory: Path) -> dict[str, Any]:
@@ -46,60 +68,93 @@ def load(directory: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def candidates(run_dir: Path, warn: Callable[[str], None] = print) -> list[Path]:
-    """A run's complete checkpoint directories, newest first.
+def candidates(run_root: str, warn: Callable[[str], None] = print) -> list[str]:
+    """A run's complete checkpoint directories (paths or URIs), newest first.
 
-    Complete: ``state.pt`` is there (it appears only by an atomic rename) and has the size
-    ``meta.json`` recorded; a truncated one is skipped with a warning.
+    ``run_root`` is the run's directory in the storage: a local path or an object-store URI
+    (read through pyarrow's filesystems, as Ray Train writes it). Ray names checkpoints by
+    time (``checkpoint_<date>``), so the name orders them. Complete: ``state.pt`` is there
+    (it appears only by an atomic rename) and has the size ``meta.json`` recorded, and under
+    DeepSpeed every rank's ZeRO shard is there; an incomplete one is skipped with a warning.
     """
+    from pyarrow import fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(run_root)
+    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     found = []
-    for d in sorted(run_dir.glob("checkpoint_*"), key=lambda d: d.stat().st_mtime, reverse=True):
-        if not (d / FILE).exists():
+    for info in sorted(infos, key=lambda i: i.base_name, reverse=True):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        expected, size = (meta(d) or {}).get("bytes"), (d / FILE).stat().st_size
-        if expected is not None and size != expected:
-            warn(f"warning: checkpoint {d} is incomplete ({size} of {expected} bytes); skipping it")
+        state = filesystem.get_file_info(f"{info.path}/{FILE}")
+        if state.type != pafs.FileType.File:
             continue
-        found.append(d)
+        where = f"{run_root.rstrip('/')}/{info.base_name}"
+        recorded = meta(where) or {}
+        expected = recorded.get("bytes")
+        if expected is not None and state.size != expected:
+            warn(f"warning: checkpoint {where} is incomplete ({state.size} of {expected} bytes); skipping it")
+            continue
+        plan = recorded.get("plan") or {}
+        ranks = plan.get("world_size", 0) if plan.get("engine") == "deepspeed" else 0
+        shards = [f"zero_rank{r}.pt" for r in range(ranks)]  # the name launcher/engine.py: shard_file gives
+        missing = [f for f in shards if filesystem.get_file_info(f"{info.path}/{f}").type != pafs.FileType.File]
+        if missing:
+            warn(f"warning: checkpoint {where} lacks {', '.join(missing)} (ZeRO shards); skipping it")
+            continue
+        found.append(where)
     return found
 
 
-def meta(directory: Path) -> dict[str, Any] | None:
+def meta(directory: str | Path) -> dict[str, Any] | None:
+    """``meta.json`` of a checkpoint (path or URI): recipe, step, plan, size of ``state.pt``."""
+    from pyarrow import fs as pafs
+
     try:
-        return json.loads((directory / META).read_text())
+        filesystem, path = pafs.FileSystem.from_uri(str(directory))
+        with filesystem.open_input_stream(f"{path}/{META}") as f:
+            return json.loads(f.read())
     except (OSError, ValueError):
         return None
 
 
 def restore(
-    dirs: list[Path], recipe: str, apply: Callable[[dict[str, Any]], None], warn: Callable[[str], None]
-) -> tuple[Path, dict[str, Any]] | None:
-    """Load the first readable checkpoint of ``dirs`` (newest first) and ``apply`` it.
+    dirs: list[str], recipe: str, apply: Callable[[dict[str, Any], Path], None], warn: Callable[[str], None]
+) -> tuple[str, dict[str, Any]] | None:
+    """Load the first readable checkpoint of ``dirs`` (paths or URIs, newest first) and ``apply`` it.
 
-    Unreadable ones are skipped with a warning. A readable one from another recipe, or whose
-    tensors do not fit the model (``apply`` raises), stops with ``CheckpointMismatch``.
+    ``apply(state, local_dir)`` gets rank 0's state and the checkpoint's local directory (where
+    per-rank files, such as DeepSpeed's optimizer shards, are). Unreadable ones are skipped with
+    a warning. A readable one from another recipe, or whose tensors do not fit the model
+    (``apply`` raises), stops with ``CheckpointMismatch``.
     """
+    from ray.train import Checkpoint
+
     for i, d in enumerate(dirs):
-        try:
-            state = load(d)
-        except Exception as e:  # noqa: BLE001 - torch/zip/pickle errors of a torn file all mean "unreadable"
-            older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
-            warn(f"warning: checkpoint {d} is unreadable ({type(e).__name__}: {str(e)[:160]}); {older}")
-            continue
-        if state.get("recipe") != recipe:
-            raise CheckpointMismatch(
-                f"checkpoint {d} is from recipe {state.get('recipe')!r}, not {recipe!r}; "
-                "use another run.name, or run.resume=false to start over"
-            )
-        try:
-            apply(state)
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise CheckpointMismatch(
-                f"checkpoint {d} does not fit this model ({first}); the recipe's model settings changed "
-                "since it was written: use another run.name, or run.resume=false to start over"
-            ) from None
-        return d, state
+        with Checkpoint(d).as_directory() as local:  # a download only when d is a URI
+            try:
+                state = load(Path(local))
+            except Exception as e:  # noqa: BLE001 - torch/zip/pickle errors of a torn file all mean "unreadable"
+                older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
+                warn(f"warning: checkpoint {d} is unreadable ({type(e).__name__}: {str(e)[:160]}); {older}")
+                continue
+            if state.get("recipe") != recipe:
+                raise CheckpointMismatch(
+                    f"checkpoint {d} is from recipe {state.get('recipe')!r}, not {recipe!r}; "
+                    "use another run.name, or run.resume=false to start over"
+                )
+            try:
+                apply(state, Path(local))
+            except Unreadable as e:
+                older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
+                warn(f"warning: checkpoint {d} is unreadable ({e}); {older}")
+                continue
+            except (RuntimeError, KeyError, ValueError) as e:
+                first = str(e).strip().splitlines()[0][:300]
+                raise CheckpointMismatch(
+                    f"checkpoint {d} does not fit this model ({first}); the recipe's model settings changed "
+                    "since it was written: use another run.name, or run.resume=false to start over"
+                ) from None
+            return d, state
     if dirs:
         raise RuntimeError(
             f"none of the {len(dirs)} checkpoints of this run could be read; run.resume=false starts over"

@@ -2,8 +2,9 @@
 
 The only module that imports Hydra. It composes ``conf/config.yaml`` with the command-line
 overrides, checks every key before anything heavy is imported (no torch, no Ray), then
-hands a typed ``Config`` to the action: ``plan`` prints the plan and exits, ``train``
-launches it.
+hands a typed ``Config`` to the action: ``plan`` prints the plan and exits, ``train`` and
+``lr_find`` launch it, ``submit`` sends it to a Ray cluster as a job, and ``status``, ``logs``
+and ``stop`` ask about that job.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ USAGE = """usage: python -m launcher [group=choice ...] [key=value ...]
 
 groups:   recipe={recipes}  scale={scales}  cluster={clusters}  tracking={trackings}  engine={engines}
 actions:  action=train (default) | action=plan [plan.format=json] | action=lr_find [lr_find.steps=100]
+          cluster=ray: action=submit | action=status|logs|stop [run.job_id=... or run.name=...]
 
 examples:
   python -m launcher scale=smoke                         # BERT smoke run on 2 CPU workers
@@ -54,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.action == "plan":
             return _plan(cfg)
+        if cfg.action in ("status", "logs", "stop"):
+            from launcher.cluster import job
+
+            return job(cfg)
+        if cfg.action == "submit":
+            from launcher.launch import submit
+
+            return submit(cfg, argv)
         from launcher.launch import train
 
         return train(cfg, timings)
@@ -120,7 +130,16 @@ def _plan(cfg: Config) -> int:
     from launcher.launch import build_plan
     from launcher.planner import describe
 
-    p = build_plan(cfg, None)
+    if cfg.cluster.kind == "ray" and not cfg.cluster.gpus_per_node:  # plan the cluster's real hardware
+        from launcher import cluster
+
+        cluster.connect(cfg.cluster)
+        try:
+            p = build_plan(cfg, None)
+        finally:
+            cluster.stop(Path(), local=False)
+    else:
+        p = build_plan(cfg, None)
     if cfg.plan.format == "json":
         print(json.dumps(p.to_dict(), indent=2))
     else:

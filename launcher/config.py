@@ -139,6 +139,7 @@ RECIPE_SCHEMAS: dict[str, type] = {"bert": BertRecipe, "imagenet": ImagenetRecip
 class Run:
     name: str | None = None  # MLflow run name; the same name again continues that run from its last checkpoint
     resume: bool = True  # false: a run.name that exists starts over as a new run
+    job_id: str | None = None  # action=status|logs|stop: the Ray job (else the newest job of run.name)
     seed: int = 0
     output_dir: str = "outputs"  # checkpoints and Ray storage, relative to the cwd
 
@@ -213,7 +214,10 @@ class PlanOutput:
 
 @dataclass(kw_only=True)
 class Cluster:
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "ray"] = "local"  # local: an embedded Ray; ray: an existing Ray cluster
+    address: str | None = None  # ray: the cluster (null: $RAY_ADDRESS, else auto); submit: its job API too
+    storage_path: str | None = None  # ray: checkpoints, shared by all nodes (absolute path or URI); required
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
     nodes: int = 1
     gpus_per_node: int | None = None  # null: detected (0 without GPUs)
     gpu_memory_gb: float | None = None  # null: detected
@@ -237,7 +241,7 @@ class Tracking:
 
 @dataclass(kw_only=True)
 class Config:
-    action: Literal["train", "plan", "lr_find"] = "train"
+    action: Literal["train", "plan", "lr_find", "submit", "status", "logs", "stop"] = "train"
     choices: dict[str, str] = field(default_factory=dict)  # Hydra group choices (filled in)
     run: Run = field(default_factory=Run)
     data: Data = field(default_factory=Data)
@@ -292,6 +296,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "cluster.gpu_memory_gb": _POSITIVE,
     "cluster.num_workers": _AT_LEAST_1,
     "cluster.cpus_per_worker": _AT_LEAST_1,
+    "cluster.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 for no limit"),
     "engine.zero_stage": (lambda v: v == "auto" or v in (0, 1, 2, 3), "0, 1, 2, 3 or auto"),
     "data.num_workers": _NON_NEGATIVE,
     "recipe.reference.global_batch": _AT_LEAST_1,
@@ -368,12 +373,41 @@ def validate(raw: dict[str, Any]) -> Config:
     """Check a composed config dict and build the typed ``Config``; raise ``ConfigError``."""
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors, recipe=_recipe_name(raw))
-    if isinstance(cfg, Config) and cfg.lr_find.max_lr <= cfg.lr_find.min_lr:
-        errors.append(f"lr_find.max_lr: got {cfg.lr_find.max_lr:g}, expected a number > lr_find.min_lr")
+    if isinstance(cfg, Config) and not errors:  # rules across keys need each key valid first
+        errors += _cross_checks(cfg)
     if errors:
         raise ConfigError(errors)
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Rules that involve more than one key."""
+    errors = []
+    if cfg.lr_find.max_lr <= cfg.lr_find.min_lr:
+        errors.append(f"lr_find.max_lr: got {cfg.lr_find.max_lr:g}, expected a number > lr_find.min_lr")
+    storage = cfg.cluster.storage_path
+    if cfg.cluster.kind == "ray":
+        if not storage and cfg.action in ("train", "lr_find", "submit"):
+            errors.append(
+                "cluster.storage_path: required with cluster=ray: a path every node sees (NFS, EFS, a "
+                "mounted volume; absolute) or an object-store URI (s3://bucket/runs, gs://...)"
+            )
+        elif storage and "://" not in storage and not storage.startswith("/"):
+            errors.append(
+                f"cluster.storage_path: got {storage!r}, a relative local path; the other nodes of the "
+                "cluster cannot see it: give an absolute path on shared storage or an object-store URI"
+            )
+    elif storage is not None:
+        errors.append(
+            "cluster.storage_path: only used with cluster=ray (local runs keep checkpoints in run.output_dir)"
+        )
+    if cfg.action in ("submit", "status", "logs", "stop") and cfg.cluster.kind != "ray":
+        errors.append(
+            f"action: {cfg.action} talks to a Ray cluster's job API; add cluster=ray "
+            "(with cluster.address and cluster.storage_path)"
+        )
+    return errors
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -101,3 +101,71 @@ class StepBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:  # infinite stream; DataLoader only needs a number
         return 2**62
+
+
+class SampleLedger:
+    """An audit of which samples each optimizer step trained on, when ``$LAUNCHER_SAMPLE_LEDGER`` names a directory.
+
+    Each rank appends one JSON line per step to ``rank<r>.jsonl``: the step and the ids of the
+    samples in its micro-batches. The ids travel inside the batches through the DataLoader, so
+    the ledger records what was loaded, not what the sampler meant to load. On start the lines
+    of steps after the checkpoint are dropped: those steps were rolled back with the model.
+    So after any number of restarts the ledger lists exactly the samples the model learned
+    from; the failure tests check each sample of an epoch appears once. Inert when unset.
+    """
+
+    KEY = "_sample_ids"
+
+    def __init__(self, path: Path, start_step: int, accum: int) -> None:
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line + "\n" for line in kept))
+        self.path, self.step, self.accum = path, start_step, accum
+
+    @classmethod
+    def from_env(cls, rank: int, start_step: int, accum: int) -> SampleLedger | None:
+        import os
+
+        where = os.environ.get("LAUNCHER_SAMPLE_LEDGER")
+        return cls(Path(where) / f"rank{rank}.jsonl", start_step, accum) if where else None
+
+    def dataset(self, data: Dataset) -> Dataset:
+        return _WithIndex(data)
+
+    def collate(self, collate: Callable[[list[Any]], dict[str, torch.Tensor]]) -> Callable[[list[Any]], Any]:
+        return _CollateWithIds(collate, self.KEY)
+
+    def record(self, batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches without their ids; a step's line is written when its last micro-batch is taken."""
+        ids: list[int] = []
+        taken = 0
+        for batch in batches:
+            ids += batch.pop(self.KEY).tolist()
+            taken += 1
+            if taken == self.accum:
+                self.step += 1
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"step": self.step, "ids": ids}) + "\n")
+                ids, taken = [], 0
+            yield batch
+
+
+class _WithIndex(Dataset):
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.data[i]
+
+
+class _CollateWithIds:
+    def __init__(self, collate: Callable[[list[Any]], dict[str, torch.Tensor]], key: str) -> None:
+        self.inner, self.key = collate, key
+
+    def __call__(self, items: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        return {**self.inner([item for _, item in items]), self.key: torch.tensor([i for i, _ in items])}

@@ -4,6 +4,10 @@ The planner (pure) writes the DeepSpeed config from the plan, so its batch sizes
 disagree with the plan. This module hands that dict to DeepSpeed's own ``DeepSpeedConfig``
 (batch arithmetic, ZeRO section, precision) for the planned world size, and checks the
 top-level keys itself, because ``DeepSpeedConfig`` accepts unknown top-level keys silently.
+
+Inside the workers, ``wrap`` puts the model and the launcher's optimizer into a DeepSpeed
+engine (ZeRO 1 or 2) on Ray Train's process group; the loop then drives it
+(``launcher/loop.py: deepspeed_step``) and checkpoints its optimizer shards.
 """
 
 from __future__ import annotations
@@ -52,3 +56,62 @@ def check_deepspeed_config(config: dict[str, Any], world_size: int) -> list[str]
     finally:
         ds_logger.setLevel(level)
     return errors
+
+
+# --- Training through DeepSpeed (inside a Ray Train worker) ------------------------------------
+# ZeRO's optimizer state is partitioned: each rank saves its own shard next to rank 0's
+# state.pt. DeepSpeed's own state_dict holds Python objects (its loss scaler, an enum,
+# fragment maps) that torch.load(weights_only=True) refuses; those are dropped on save and
+# taken from the live optimizer on load, so shards stay loadable without unpickling code.
+_LIVE_KEYS = ("loss_scaler", "zero_stage", "param_slice_mappings")
+
+
+def shard_file(rank: int) -> str:
+    return f"zero_rank{rank}.pt"
+
+
+def wrap(model: Any, optimizer: Any, config: dict[str, Any]) -> tuple[Any, Any]:
+    """(DeepSpeed engine, its ZeRO optimizer) around ``model`` and the launcher's ``optimizer``.
+
+    The process group is Ray Train's (NCCL or gloo); the config is the plan's. The lr
+    scheduler stays on ``optimizer``: ZeRO keeps using its param groups.
+    """
+    import os
+
+    if not _cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    engine, zero_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=dict(config), dist_init_required=False
+    )
+    return engine, zero_optimizer
+
+
+def save_shard(zero_optimizer: Any, path: Any) -> None:
+    """This rank's ZeRO optimizer partition, written atomically (temporary name, then rename)."""
+    import torch
+
+    state = {k: v for k, v in zero_optimizer.state_dict().items() if k not in _LIVE_KEYS}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_shard(zero_optimizer: Any, path: Any, world: int) -> None:
+    """Load this rank's partition (same world size as when it was saved) into the live optimizer."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    live = zero_optimizer.state_dict()
+    state.update({k: live[k] for k in _LIVE_KEYS if k in live})
+    zero_optimizer.load_state_dict([state] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,17 +1,17 @@
 """Launching: plan on the driver, open the MLflow run, start Ray, run Ray Train, close up.
 
 Locally the launcher starts an embedded Ray bound to 127.0.0.1 (no dashboard) and shuts
-it down at the end, whatever happened.
+it down at the end, whatever happened; ``cluster=ray`` connects to an existing cluster
+first, so that its hardware feeds the plan (``launcher/cluster.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
-import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,21 +86,34 @@ def _check_deepspeed(p: Plan) -> None:
 
 def train(cfg: Config, timings: dict[str, float]) -> int:
     """``action=train`` and ``action=lr_find``: returns the process exit code."""
-    from recipes import RECIPES
+    from launcher import cluster
 
-    if cfg.engine.name == "deepspeed":
-        raise ConfigError(
-            [
-                "engine=deepspeed: training under DeepSpeed is not wired into the loop yet; "
-                "action=plan prints (and validates) the DeepSpeed config it would use. Train with engine=ddp"
-            ]
-        )
+    if cfg.engine.name == "deepspeed" and cfg.action == "lr_find":
+        raise ConfigError(["engine=deepspeed: action=lr_find runs with engine=ddp (the lr it finds is the same)"])
     out = Path(cfg.run.output_dir).resolve()
     uri = _tracking_uri(cfg, out)
-    resume = _find_resume(cfg, uri, out)
+    local = cfg.cluster.kind == "local"
+    storage = str(out / "ray") if local else str(cfg.cluster.storage_path)
+    if not local:  # connect first: the cluster's GPUs and their memory feed the plan
+        t0 = time.perf_counter()
+        cluster.connect(cfg.cluster)
+        timings["ray_start_s"] = time.perf_counter() - t0
+    try:
+        return _train(cfg, timings, out, uri, storage)
+    finally:
+        cluster.stop(out / "logs", local=False)  # a no-op once _train has stopped Ray
 
+
+def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage: str) -> int:
+    from launcher import cluster, control
+    from recipes import RECIPES
+
+    local = cfg.cluster.kind == "local"
+    resume = _find_resume(cfg, uri, storage)
+    # derived data (tokenizer, indexes): shared by the nodes when the storage is a shared path
+    cache = out / "cache" if local or "://" in storage else Path(storage) / "cache"
     t0 = time.perf_counter()
-    data = RECIPES[cfg.recipe.name].build_data(cfg, out / "cache")  # bad data fails here, before Ray
+    data = RECIPES[cfg.recipe.name].build_data(cfg, cache)  # bad data fails here, before training starts
     timings["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -108,11 +121,19 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
         cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
     p = build_plan(cfg, len(data.train))
     timings["plan_s"] = time.perf_counter() - t0
-    if cfg.train.measure_noise_scale and p.world_size < 2:
+    if p.engine == "deepspeed" and p.zero_stage == 3:
         raise ConfigError(
             [
-                "train.measure_noise_scale: needs 2 or more data-parallel workers (it compares one worker's "
-                "gradient with the all-reduced one); set cluster.num_workers >= 2"
+                "engine.zero_stage: stage 3 (parameters partitioned) is planned and its DeepSpeed config checked "
+                "(action=plan), but the launcher's checkpoints do not gather partitioned parameters yet; "
+                "train with engine.zero_stage=2 (or 1)"
+            ]
+        )
+    if cfg.train.measure_noise_scale and (p.world_size < 2 or p.engine == "deepspeed"):
+        raise ConfigError(
+            [
+                "train.measure_noise_scale: needs engine=ddp with 2 or more data-parallel workers (it compares "
+                "one worker's gradient with the all-reduced one); set cluster.num_workers >= 2"
             ]
         )
     if resume is not None:
@@ -156,21 +177,26 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
     verb = f"continuing run {name}" if resume is not None else f"run {name}"
     print(f"mlflow: {verb} ({run_id}) in {mask(uri)}", flush=True)
 
-    control = out / "control"
-    control.mkdir(parents=True, exist_ok=True)
-    stop_file, spool = control / f"{run_id}.stop", out / "spool" / f"{run_id}.json"
-    stop_file.unlink(missing_ok=True)
-    status = "FAILED"
+    status, backlog = "FAILED", None
+    run_dir = f"{name}-{run_id[:8]}"
     try:
-        t0 = time.perf_counter()
-        _start_ray(p.world_size * cfg.cluster.cpus_per_worker)
-        timings["ray_start_s"] = time.perf_counter() - t0
-        with _graceful_stop(stop_file):  # after ray.init, which sets its own SIGTERM handler
-            extra = {"resume": [str(d) for d in resume.dirs] if resume else [], "stop_file": str(stop_file)}
-            result = _fit(cfg, p, uri, run_id, name, out, timings, {**extra, "spool": str(spool)})
+        if local:
+            t0 = time.perf_counter()
+            cluster.start_local(p.world_size * cfg.cluster.cpus_per_worker)
+            timings["ray_start_s"] = time.perf_counter() - t0
+        actor = control.create(run_id)
+        with _graceful_stop(actor) as stop:  # after ray.init, which sets its own SIGTERM handler
+            payload = {
+                "run_id": run_id,
+                "tracking_uri": uri,
+                "cache_dir": str(cache),
+                "run_root": f"{storage.rstrip('/')}/{run_dir}",
+            }
+            result = _fit(cfg, p, storage, run_dir, timings, payload)
+        backlog = _ray_get(actor.kept.remote())
         if result.error is not None:
             print(f"{result.error}\n\ntraining failed: {root_cause(str(result.error))}", flush=True)
-        elif stop_file.exists():
+        elif stop.asked:
             status = "KILLED"
             print(f"stopped as asked; resume with run.name={name}", flush=True)
         else:
@@ -186,11 +212,23 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
         status = "KILLED"
         raise
     finally:
-        _stop_ray(out / "logs" / f"{name}-{run_id[:8]}")
-        finish_run(uri, run_id, status, spool)
-        stop_file.unlink(missing_ok=True)
+        cluster.stop(out / "logs" / run_dir, local=local)
+        finish_run(uri, run_id, status, backlog, out / "spool" / f"{run_id}.json")
     print(f"mlflow: run {run_id} {status.lower()}; see it with `make mlflow-ui`", flush=True)
     return {"FINISHED": 0, "KILLED": 130}.get(status, 1)
+
+
+def submit(cfg: Config, argv: list[str]) -> int:
+    """``action=submit``: the tracking server is checked here, in seconds, before the job is sent."""
+    from launcher import cluster
+
+    return cluster.submit(cfg, argv, _tracking_uri(cfg, Path(cfg.run.output_dir).resolve()))
+
+
+def _ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref, timeout=30)
 
 
 def _tracking_uri(cfg: Config, out: Path) -> str:
@@ -224,7 +262,6 @@ class Resume:
 
     run_id: str
     name: str
-    dirs: list[Path]  # complete checkpoints, newest first
     step: int
     plan: dict[str, Any] | None  # the plan the newest readable checkpoint was written under
 
@@ -250,7 +287,7 @@ class Resume:
         return text
 
 
-def _find_resume(cfg: Config, uri: str, out: Path) -> Resume | None:
+def _find_resume(cfg: Config, uri: str, storage: str) -> Resume | None:
     """With ``run.name`` set and ``run.resume`` true: the newest earlier training run of that name, if any."""
     if not cfg.run.name or not cfg.run.resume or cfg.action != "train":
         return None
@@ -271,27 +308,33 @@ def _find_resume(cfg: Config, uri: str, out: Path) -> Resume | None:
                 "choose another run.name, or run.resume=false to start a new run under this name"
             ]
         )
-    dirs = checkpoint.candidates(out / "ray" / f"{cfg.run.name}-{run_id[:8]}")
-    metas = [m for m in map(checkpoint.meta, dirs) if m is not None]
+    dirs = checkpoint.candidates(f"{storage.rstrip('/')}/{cfg.run.name}-{run_id[:8]}", warn=lambda _m: None)
+    metas = [m for m in map(checkpoint.meta, dirs) if m is not None]  # the workers warn about skipped ones
     newest = metas[0] if metas else None
     return Resume(
         run_id=run_id,
         name=cfg.run.name,
-        dirs=dirs,
         step=int(newest["step"]) if newest else 0,
         plan=newest["plan"] if newest else None,
     )
 
 
+@dataclass
+class _Stop:
+    asked: bool = False
+
+
 @contextlib.contextmanager
-def _graceful_stop(stop_file: Path) -> Iterator[None]:
-    """SIGINT / SIGTERM once: ask the workers to checkpoint and stop (they see ``stop_file``).
+def _graceful_stop(actor: Any) -> Iterator[_Stop]:
+    """SIGINT / SIGTERM once: ask rank 0, through the run's control actor, to checkpoint and stop.
     A second one: stop at once (KeyboardInterrupt), keeping the last periodic checkpoint."""
+    stop = _Stop()
 
     def ask(signum: int, _frame: Any) -> None:
-        if stop_file.exists():
+        if stop.asked:
             raise KeyboardInterrupt
-        stop_file.touch()
+        stop.asked = True
+        threading.Thread(target=actor.ask_stop.remote, daemon=True).start()  # no Ray call inside a handler
         print(
             f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
             "(send it again to stop at once)",
@@ -300,51 +343,10 @@ def _graceful_stop(stop_file: Path) -> Iterator[None]:
 
     previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _start_ray(cpus: int) -> None:
-    """An embedded Ray for this run on 127.0.0.1, without dashboard."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # no spot preemption on this machine
-    # Ray turns a node address of 127.0.0.1 into the machine's outward IP, and its servers then
-    # listen on every interface; as a single-node Ray (its setting on macOS and Windows) it keeps
-    # 127.0.0.1 and its gRPC servers listen on loopback only.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 2, cpus),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-        runtime_env={"worker_process_setup_hook": "launcher.raylog.quiet"},
-    )
-
-
-def _stop_ray(logs: Path) -> None:
-    """Shut the embedded Ray down; keep its logs with the run's outputs, remove its /tmp session."""
-    import ray
-
-    if not ray.is_initialized():
-        return
-    node = ray._private.worker._global_node
-    session = Path(node.get_session_dir_path()) if node is not None else None
-    ray.shutdown()
-    if session is None:
-        return
-    if (session / "logs").is_dir():
-        logs.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(session / "logs"), str(logs / session.name))
-    shutil.rmtree(session, ignore_errors=True)
-    latest = session.parent / "session_latest"
-    if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
-        latest.unlink()
 
 
 def lr_find_summary(found: dict[str, float], p: Plan, cfg: Config) -> str:
@@ -375,35 +377,26 @@ def root_cause(report: str) -> str:
     return causes[-1] if causes else report.strip().splitlines()[0]
 
 
-def _fit(  # type: ignore[no-untyped-def]
-    cfg: Config, p: Plan, uri: str, run_id: str, name: str, out: Path, timings: dict[str, float], extra: dict
-):
+def _fit(cfg: Config, p: Plan, storage: str, run_dir: str, timings: dict[str, float], payload: dict) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from launcher.worker import train_loop
 
-    use_gpu = _uses_gpu(cfg)
+    use_gpu = p.device == "cuda"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "plan": p.to_dict(),
-            "run_id": run_id,
-            "tracking_uri": uri,
-            "cache_dir": str(out / "cache"),
-            "timings": timings,
-            **extra,
-        },
+        train_loop_config={"config": to_dict(cfg), "plan": p.to_dict(), "timings": timings, **payload},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=p.world_size, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
         ),
         run_config=RunConfig(  # type: ignore[call-arg]  # mypy sees Ray Train v1's RunConfig
-            name=f"{name}-{run_id[:8]}",
-            storage_path=str(out / "ray"),
+            name=run_dir,
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            # a failed worker group restarts from the latest reported checkpoint (data position included)
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             # Ray Train's per-report and per-checkpoint INFO lines stay in its log files; the loop
             # prints one progress line per log step instead
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -413,9 +406,3 @@ def _fit(  # type: ignore[no-untyped-def]
     # launcher's (_graceful_stop) asks them to checkpoint first, so Ray's is not installed.
     trainer._register_sigint_handler = lambda _controller: None  # type: ignore[attr-defined]
     return trainer.fit()
-
-
-def _uses_gpu(cfg: Config) -> bool:
-    import torch
-
-    return cfg.cluster.use_gpu is True or (cfg.cluster.use_gpu == "auto" and torch.cuda.is_available())

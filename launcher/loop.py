@@ -132,9 +132,7 @@ def train_step(
     buffer broadcast), so a rank that ran out skips its remaining micro-batches and runs the
     final one on a single sample with a zero loss: its all-reduce lines up with the others'.
     """
-    keys = sorted(count(micro_batches[0]))
-    local = torch.tensor([[count(b)[k] for k in keys] for b in micro_batches], dtype=torch.float64).sum(0)
-    totals = dict(zip(keys, all_sum(local.to(device)).clamp(min=1), strict=True))
+    totals = global_counts(micro_batches, count, device)
     world = world_size()
     no_sync = getattr(model, "no_sync", None)
     sums: dict[str, torch.Tensor] = {}
@@ -195,6 +193,40 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def deepspeed_step(
+    engine: Any, micro_batches: list[Batch], count: Callable[[Batch], dict[str, int]], *, device: torch.device,
+    stop: bool = False,
+) -> StepResult:
+    """One optimizer step through a DeepSpeed engine, with the same loss normalization as ``train_step``.
+
+    The engine counts micro-steps: ``engine.step()`` after each backward runs the (ZeRO)
+    gradient reduction, clipping (``gradient_clipping`` in its config) and the optimizer only
+    at the accumulation boundary. ``scale_wrt_gas=False``: the loss is already divided by the
+    global batch's units, as for DDP. Precision is DeepSpeed's (``bf16`` in its config).
+    """
+    totals = global_counts(micro_batches, count, device)
+    world = world_size()
+    sums: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        out = engine(to_device(batch, device))
+        loss = sum(out[k] / totals[k] for k in out) * world
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach().double()
+    asked = all_sum(torch.tensor([float(stop)], dtype=torch.float64, device=device)).item()
+    return StepResult(sums, {k: totals[k] for k in sums}, stop=asked > 0)
+
+
+def global_counts(
+    micro_batches: list[Batch], count: Callable[[Batch], dict[str, int]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Units (tokens, pairs, images) per loss term in the whole global batch: one all-reduce."""
+    keys = sorted(count(micro_batches[0]))
+    local = torch.tensor([[count(b)[k] for k in keys] for b in micro_batches], dtype=torch.float64).sum(0)
+    return dict(zip(keys, all_sum(local.to(device)).clamp(min=1), strict=True))
 
 
 @torch.no_grad()
@@ -261,22 +293,27 @@ def run(
     for step in range(start_step, plan.max_steps):
         micro = [next(batches) for _ in range(plan.grad_accum)]
         lr = float(scheduler.get_last_lr()[0])  # the lr this step used
-        while True:
-            pieces = micro if parts == 1 else [piece for b in micro for piece in split(b, parts)]
-            result = train_step(
-                model,
-                optimizer,
-                pieces,
-                count,
-                device=device,
-                precision=precision,
-                grad_clip=grad_clip,
-                local_norm=noise[0] if noise else None,
-                stop=hooks.stop(),
-            )
-            if result is not None:
-                break
-            parts = _back_off(parts, max(batch_size(b) for b in pieces), step + 1, plan, tracker, hooks)
+        result: StepResult | None
+        if plan.engine == "deepspeed":  # DeepSpeed reduces, clips and steps; no OOM back-off there
+            result = deepspeed_step(model, micro, count, device=device, stop=hooks.stop())
+        else:
+            while True:
+                pieces = micro if parts == 1 else [piece for b in micro for piece in split(b, parts)]
+                result = train_step(
+                    model,
+                    optimizer,
+                    pieces,
+                    count,
+                    device=device,
+                    precision=precision,
+                    grad_clip=grad_clip,
+                    local_norm=noise[0] if noise else None,
+                    stop=hooks.stop(),
+                )
+                if result is not None:
+                    break
+                parts = _back_off(parts, max(batch_size(b) for b in pieces), step + 1, plan, tracker, hooks)
+        assert result is not None  # the loop above ends only with a step taken
         sums, totals = result.sums, result.totals
         if noise is not None and result.small_sq is not None and result.big_sq is not None:
             noise_metrics = noise[1].update(result.small_sq, result.big_sq)

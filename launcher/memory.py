@@ -38,8 +38,13 @@ def detect_hardware(cluster: Cluster) -> Hardware:
     """The devices training runs (or is planned) on.
 
     ``cluster.gpus_per_node`` set: hardware described, not detected (planning a cluster from
-    a laptop). Otherwise the local GPUs, or CPU workers when there are none.
+    a laptop). ``cluster=ray``: read from the connected cluster. Otherwise the local GPUs, or
+    CPU workers when there are none.
     """
+    if cluster.kind == "ray" and not cluster.gpus_per_node:
+        from launcher.cluster import hardware
+
+        return hardware(cluster)
     if cluster.gpus_per_node:
         memory = cluster.gpu_memory_gb
         if memory is None and torch.cuda.is_available():
@@ -74,7 +79,8 @@ def memory_profile(cfg: Config, recipe: Any, hw: Hardware | None = None) -> Memo
             detail="planner.memory.model_gb/per_sample_gb; split as fp32 Adam: params 1/4, grads 1/4, moments 1/2",
         )
     measured = estimate(cfg, recipe)
-    if hw is not None and hw.device == "cuda" and not cfg.cluster.gpus_per_node and torch.cuda.is_available():
+    here = cfg.cluster.kind == "local" and not cfg.cluster.gpus_per_node
+    if hw is not None and hw.device == "cuda" and here and torch.cuda.is_available():
         measured = probe(cfg, measured)  # GPUs here, not described: measure them
     if override.model_gb is None and override.per_sample_gb is None:
         return measured

@@ -135,6 +135,7 @@ class MemoryProfile:
 @dataclass(kw_only=True)
 class Plan:
     world_size: int
+    device: str  # cuda | cpu: what the workers train on
     micro_batch: int
     grad_accum: int
     global_batch: int
@@ -199,6 +200,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
 
     p = Plan(
         world_size=world,
+        device=hw.device,
         micro_batch=micro,
         grad_accum=accum,
         global_batch=global_batch,

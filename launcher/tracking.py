@@ -7,8 +7,9 @@ checks the rank for logging.
 
 A tracking server that goes away mid-run does not stop training: ``MlflowTracker`` keeps
 what it could not send, retries every ``RETRY_S`` seconds without blocking the step, and
-sends the backlog when the server is back. What is still unsent at the end is written to a
-spool file that the driver sends (or reports) after training.
+sends the backlog when the server is back. What is still unsent at the end is handed to the
+driver (through the run's control actor, ``launcher/control.py``), which sends it after
+training or, if the server is still away, writes it to a spool file and says where.
 """
 
 from __future__ import annotations
@@ -65,13 +66,15 @@ class NullTracker:
 class MlflowTracker:
     """Rank 0's handle on the run the driver opened; survives a tracking server outage."""
 
-    def __init__(self, uri: str, run_id: str, spool: Path, say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, uri: str, run_id: str, keep: Callable[[dict[str, Any]], None], say: Callable[[str], None] = print
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # no blocking retries: the backlog retries
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
         self.client, self.run_id, self.uri = MlflowClient(tracking_uri=uri), run_id, uri
-        self.spool, self.say = spool, say
+        self.keep, self.say = keep, say
         self.pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
         self.pending_dicts: list[tuple[dict[str, Any], str]] = []
         self.down_since: float | None = None
@@ -118,14 +121,12 @@ class MlflowTracker:
         return True
 
     def close(self, patience_s: float = 30.0) -> None:
-        """At the end of training: send the backlog, waiting up to ``patience_s``; else spool it to a file."""
+        """At the end of training: send the backlog, waiting up to ``patience_s``; else hand it to the driver."""
         deadline = time.monotonic() + patience_s
         while not self.flush(wait=True):
             if time.monotonic() > deadline:
-                self.spool.parent.mkdir(parents=True, exist_ok=True)
-                record = {"metrics": self.pending, "dicts": [[d, n] for d, n in self.pending_dicts]}
-                self.spool.write_text(json.dumps(record))
-                self.say(f"tracking: {len(self.pending)} metric values not sent; kept in {self.spool}")
+                self.keep({"metrics": self.pending, "dicts": [[d, n] for d, n in self.pending_dicts]})
+                self.say(f"tracking: {len(self.pending)} metric values not sent yet; handed to the launcher")
                 return
             time.sleep(RETRY_S)
 
@@ -212,25 +213,30 @@ def reopen_run(uri: str, run_id: str, plan: dict[str, Any], step: int) -> None:
     client.set_tag(run_id, "resumed_at_step", str(step))
 
 
-def finish_run(uri: str, run_id: str, status: str, spool: Path | None = None) -> None:
-    """Send what rank 0 spooled (if anything) and set the run's final status; never raises."""
+def finish_run(uri: str, run_id: str, status: str, backlog: dict[str, Any] | None, spool: Path) -> None:
+    """Send what rank 0 could not (if anything) and set the run's final status; never raises.
+
+    If the store is still unreachable, the backlog goes to ``spool`` (JSON) and the console says so.
+    """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     try:
-        if spool is not None and spool.exists():
-            record = json.loads(spool.read_text())
-            metrics = [Metric(*m) for m in record["metrics"]]
+        if backlog is not None:
+            metrics = [Metric(*m) for m in backlog["metrics"]]
             for i in range(0, len(metrics), 1000):
                 client.log_batch(run_id, metrics=metrics[i : i + 1000], synchronous=True)
-            for data, name in record["dicts"]:
+            for data, name in backlog["dicts"]:
                 client.log_dict(run_id, data, name)
-            spool.unlink()
-            print(f"tracking: sent {len(metrics)} spooled metric values", flush=True)
+            print(f"tracking: sent {len(metrics)} metric values rank 0 could not", flush=True)
         client.set_terminated(run_id, status)
     except Exception as e:  # noqa: BLE001 - training is over; say what was not recorded and where it is
-        kept = f"; unsent metrics are in {spool}" if spool is not None and spool.exists() else ""
+        kept = ""
+        if backlog is not None:
+            spool.parent.mkdir(parents=True, exist_ok=True)
+            spool.write_text(json.dumps(backlog))
+            kept = f"; the {len(backlog['metrics'])} unsent metric values are in {spool}"
         print(
             f"tracking: could not mark run {run_id} {status} at {mask(uri)} ({mask(str(e))[:200]}){kept}",
             flush=True,

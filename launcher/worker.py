@@ -12,17 +12,19 @@ import math
 import sys
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from launcher import checkpoint
 from launcher.config import Config, validate
-from launcher.data import StepBatches, eval_shard
+from launcher.control import StopPoll
+from launcher.data import SampleLedger, StepBatches, eval_shard
 from launcher.loop import Hooks, evaluate, run
 from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import build_optimizer, build_scheduler
@@ -51,19 +53,28 @@ def train_loop(payload: dict[str, Any]) -> None:
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
 
     model = convert_norm(recipe.build_model(cfg), plan.norm)
-    model = ray.train.torch.prepare_model(
-        model,
-        parallel_strategy="ddp" if world > 1 else None,
-        # No collective in forward: buffers are synced from rank 0 before eval and checkpoints
-        # instead, which also lets ranks back off from an OOM without desynchronizing.
-        parallel_strategy_kwargs={"forward_sync_buffers": False} if world > 1 else None,
-    )
+    zero = None  # DeepSpeed's ZeRO optimizer (engine=deepspeed)
+    if plan.engine == "deepspeed":
+        from launcher import engine
+
+        model = model.to(device)
+        optimizer = build_optimizer(model, plan, cfg.optim)
+        model, zero = engine.wrap(model, optimizer, plan.deepspeed or {})
+    else:
+        model = ray.train.torch.prepare_model(
+            model,
+            parallel_strategy="ddp" if world > 1 else None,
+            # No collective in forward: buffers are synced from rank 0 before eval and checkpoints
+            # instead, which also lets ranks back off from an OOM without desynchronizing.
+            parallel_strategy_kwargs={"forward_sync_buffers": False} if world > 1 else None,
+        )
     raw_model = getattr(model, "module", model)
     noise = None
-    if cfg.train.measure_noise_scale:  # world >= 2, checked on the driver
+    if cfg.train.measure_noise_scale:  # engine=ddp, world >= 2: checked on the driver
         per_rank = plan.micro_batch * plan.grad_accum
         noise = (LocalGradNorm.attach(model), NoiseScale(b_small=per_rank, b_big=plan.global_batch))
-    optimizer = build_optimizer(raw_model, plan, cfg.optim)
+    if zero is None:
+        optimizer = build_optimizer(raw_model, plan, cfg.optim)
     scheduler = build_scheduler(optimizer, plan)
     ema = None
     if cfg.train.ema_decay is not None:
@@ -73,9 +84,22 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     say = console if rank == 0 else (lambda _msg: None)
 
-    def apply(state: dict[str, Any]) -> None:
+    def apply(state: dict[str, Any], directory: Path) -> None:
         raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if zero is not None:
+            from launcher import engine
+
+            if state["plan"]["world_size"] != world:
+                raise ValueError(
+                    f"engine=deepspeed: the checkpoint's ZeRO optimizer is split over {state['plan']['world_size']} "
+                    f"workers, this run has {world}; resume with cluster.num_workers={state['plan']['world_size']}"
+                )
+            try:
+                engine.load_shard(zero, directory / engine.shard_file(rank), world)
+            except (OSError, RuntimeError, EOFError) as e:  # a torn or missing shard: try the one before
+                raise checkpoint.Unreadable(f"{engine.shard_file(rank)}: {e}") from e
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
@@ -83,23 +107,21 @@ def train_loop(payload: dict[str, Any]) -> None:
             noise[1].load_state_dict(state["noise_scale"])
         checkpoint.set_rng_state(state["rng"])
 
-    # Ray's own checkpoint after a worker failure in this run, else the driver's (resume by name)
-    latest = ray.train.get_checkpoint()
-    dirs = ([Path(latest.path)] if latest is not None else []) + [
-        Path(d) for d in payload.get("resume", []) if latest is None or Path(d) != Path(latest.path)
-    ]
+    # The run's complete checkpoints in the storage, newest first (paths or URIs): after a worker
+    # failure, after a run of the same name. Listed here rather than asked of Ray
+    # (ray.train.get_checkpoint), which misses one it had not registered yet when a worker died.
+    dirs = checkpoint.candidates(payload["run_root"], say)
     start_step = 0
     found = checkpoint.restore(dirs, cfg.recipe.name, apply, say) if cfg.action == "train" else None
     if found is not None:
         start_step = int(found[1]["step"])
-        say(f"resumed from {found[0].name} at step {start_step}")
+        say(f"resumed from {PurePosixPath(found[0]).name} at step {start_step}")
+    agree_on_step(start_step, device)
 
+    poll = StopPoll(payload["run_id"]) if rank == 0 else None
     tracker: Tracker = (
-        MlflowTracker(payload["tracking_uri"], payload["run_id"], Path(payload["spool"]), say)
-        if rank == 0
-        else NullTracker()
+        MlflowTracker(payload["tracking_uri"], payload["run_id"], poll.keep, say) if poll is not None else NullTracker()
     )
-    stop_file = Path(payload["stop_file"])
 
     sampler = StepBatches(
         len(data.train),
@@ -110,10 +132,11 @@ def train_loop(payload: dict[str, Any]) -> None:
         seed=cfg.run.seed,
         start_step=start_step,
     )
+    ledger = SampleLedger.from_env(rank, start_step, plan.grad_accum) if cfg.action == "train" else None
     loader = DataLoader(
-        data.train,
+        ledger.dataset(data.train) if ledger else data.train,
         batch_sampler=sampler,
-        collate_fn=data.collate,
+        collate_fn=ledger.collate(data.collate) if ledger else data.collate,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.data.num_workers > 0,
@@ -138,13 +161,17 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     def save(step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
+            if zero is not None:  # every rank keeps its ZeRO partition; Ray merges the ranks' files
+                from launcher import engine
+
+                engine.save_shard(zero, Path(tmp) / engine.shard_file(rank))
             if rank == 0:
                 plan_record = {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")}
                 checkpoint.save(
                     Path(tmp),
                     {
                         "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        **({"optimizer": optimizer.state_dict()} if zero is None else {}),
                         "scheduler": scheduler.state_dict(),
                         **({"ema": ema.state_dict()} if ema is not None else {}),
                         **({"noise_scale": noise[1].state_dict()} if noise is not None else {}),
@@ -155,16 +182,17 @@ def train_loop(payload: dict[str, Any]) -> None:
                     },
                     {"recipe": cfg.recipe.name, "step": step, "plan": plan_record},
                 )
-                ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report({**metrics, "step": step})
+            has_files = any(Path(tmp).iterdir())
+            ray.train.report(
+                {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None
+            )
         say(f"checkpoint at step {step}")
 
     run(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        batches=iter(loader),
+        batches=ledger.record(iter(loader)) if ledger else iter(loader),
         evaluate_model=evaluate_model,
         count=recipe.count,
         plan=plan,
@@ -176,7 +204,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         eval_every=cfg.train.eval_every,
         checkpoint_every=cfg.train.checkpoint_every,
         tracker=tracker,
-        hooks=Hooks(report=report, checkpoint=save, print=say, stop=stop_file.exists if rank == 0 else (lambda: False)),
+        hooks=Hooks(report=report, checkpoint=save, print=say, stop=poll if poll is not None else (lambda: False)),
         launched_at=payload.get("timings", {}).get("launched_at"),
         ema=ema,
         noise=noise,
@@ -220,6 +248,19 @@ def _lr_find(  # type: ignore[no-untyped-def]
     tracker.log_metrics(summary, len(tried))
     tracker.log_dict({**found, "steps": len(tried), "global_batch": plan.global_batch}, "lr_find/result.json")
     tracker.close()
+
+
+def agree_on_step(step: int, device: torch.device) -> None:
+    """Every rank must have restored the same checkpoint; training on mixed ones would silently diverge."""
+    if not dist.is_initialized():
+        return
+    both = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if int(both[0]) != -int(both[1]):
+        raise RuntimeError(
+            f"the ranks restored different checkpoints (steps {-int(both[1])} to {int(both[0])}); one rank could "
+            "not read its part of the newest one. Resume again, or with run.resume=false to start over"
+        )
 
 
 def convert_norm(model: torch.nn.Module, policy: str) -> torch.nn.Module:

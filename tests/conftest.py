@@ -43,8 +43,9 @@ def shared_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _memory_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the memory-estimate cache inside the test session, never in ~/.cache."""
+    """Keep the memory-estimate cache and DeepSpeed's JIT-built ops inside the test session, never in ~/.cache."""
     monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path_factory.getbasetemp() / "launcher-cache"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch-extensions"))
 
 
 def free_port() -> int:

@@ -75,6 +75,7 @@ def test_json_has_the_documented_fields(tmp_path: Path) -> None:
     )
     for key in (
         "world_size",
+        "device",
         "micro_batch",
         "grad_accum",
         "global_batch",
@@ -132,10 +133,10 @@ def test_zero_stage_when_model_states_do_not_fit(tmp_path: Path) -> None:
     assert "DeepSpeed config validated by DeepSpeed's own DeepSpeedConfig for 8 ranks" in ok["reasons"]
 
 
-def test_training_under_deepspeed_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    out = launcher("scale=smoke", "engine=deepspeed", cwd=tmp_path)
-    assert out.returncode == 2 and "engine=deepspeed" in out.stderr and "action=plan" in out.stderr
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+def test_zero_stage_3_training_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    out = launcher("scale=smoke", "engine=deepspeed", "engine.zero_stage=3", cwd=tmp_path)
+    assert out.returncode == 2 and "engine.zero_stage: stage 3" in out.stderr and "zero_stage=2" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs" / "ray").exists()
 
 
 def test_table_output_shows_reasons(tmp_path: Path) -> None:

@@ -10,15 +10,18 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import launcher
 
+STEPS = 16
+
 
 def test_lr_find_sweeps_records_the_curve_and_prints_a_usable_lr(tmp_path: Path, shared_outputs: Path) -> None:
     out = launcher(
+        "recipe=imagenet",  # ResNet-18 with BatchNorm: its running stats are restored too
         "scale=smoke",
         "action=lr_find",
-        "lr_find.steps=24",
+        f"lr_find.steps={STEPS}",
         "lr_find.min_lr=1e-5",
         "lr_find.max_lr=10",
-        "batch.micro_batch=8",
+        "batch.micro_batch=8",  # 8 x 2 accumulation x 2 workers
         f"run.output_dir={shared_outputs}",
         cwd=tmp_path,
     )
@@ -32,9 +35,9 @@ def test_lr_find_sweeps_records_the_curve_and_prints_a_usable_lr(tmp_path: Path,
     swept = sorted(client.get_metric_history(run.info.run_id, "lr_find_lr"), key=lambda m: m.step)
     losses = client.get_metric_history(run.info.run_id, "lr_find_loss")
     steps = int(run.data.metrics["lr_find_steps"])
-    assert len(swept) == len(losses) == steps <= 24
+    assert len(swept) == len(losses) == steps <= STEPS
     ratios = [b.value / a.value for a, b in zip(swept, swept[1:], strict=False)]
-    assert ratios == pytest.approx([(10 / 1e-5) ** (1 / 23)] * len(ratios), rel=1e-6)  # exponential in 24 steps
+    assert ratios == pytest.approx([(10 / 1e-5) ** (1 / (STEPS - 1))] * len(ratios), rel=1e-6)  # exponential
     assert swept[0].value == 1e-5 and swept[0].value < lr < swept[-1].value
     assert run.data.metrics["lr_find_steepest_lr"] == pytest.approx(lr, rel=0.01)  # printed to 3 digits
 

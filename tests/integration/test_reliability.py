@@ -6,7 +6,9 @@ smuggles in ``_target_``. See docs/reliability.md for the table these tests back
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,16 +60,15 @@ def test_resume_by_name_skips_a_torn_checkpoint_and_replans_for_one_worker(
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (run,) = runs(uri)
-    saved = checkpoint.candidates(next(shared_outputs.glob("ray/torn-*")))
+    saved = checkpoint.candidates(str(next(shared_outputs.glob("ray/torn-*"))))
     assert [checkpoint.meta(d)["step"] for d in saved] == [20, 10]  # type: ignore[index]
-    latest = saved[0] / checkpoint.FILE
+    latest = Path(saved[0]) / checkpoint.FILE
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # torn mid-write
 
     second = launcher(*common, "train.max_steps=30", "cluster.num_workers=1", cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     console = second.stdout
-    assert "is incomplete" in console and "skipping it" in console  # the driver's size check
-    assert "is unreadable" in console and "trying the one before it" in console  # Ray's own latest: tried, skipped
+    assert "is incomplete" in console and "skipping it" in console  # the size check (meta.json) finds it
     assert "resumed from " in console and "at step 10" in console
     assert f"continuing run torn ({run.info.run_id})" in console
     assert "world size 2 -> 1, so micro-batch x accumulation 4 x 4 -> 4 x 8" in console
@@ -87,19 +88,89 @@ def test_resume_by_name_skips_a_torn_checkpoint_and_replans_for_one_worker(
     assert done.returncode == 0 and "already reached step 30 of 30" in done.stdout
 
 
+def test_killed_worker_and_killed_checkpoint_writer_recover_with_every_sample_once(
+    tmp_path: Path, shared_outputs: Path
+) -> None:
+    """One epoch on 2 workers (cluster.max_failures=2) survives two deaths, and trains each sample once.
+
+    1. A worker process is SIGKILLed from outside mid-run, after the checkpoint at step 10:
+       Ray Train restarts the worker group from the latest checkpoint.
+    2. Rank 0 is SIGKILLed halfway through writing the checkpoint of step 30
+       (``LAUNCHER_INJECT_CHECKPOINT_KILL``): the restart resumes from step 20, the last complete one.
+    The sample ledger (``LAUNCHER_SAMPLE_LEDGER``: the ids that came through the DataLoader, rolled
+    back with the model on each restore) must then hold every sample of the epoch exactly once.
+    """
+    from launcher.cli import load
+    from recipes import bert
+
+    shrink = ["scale=smoke", "recipe.corpus_max_mb=0.4"]  # ~45 steps per epoch at global batch 32
+    samples = len(bert.build_data(load(shrink), shared_outputs / "cache").train)
+    ledger = tmp_path / "ledger"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", *shrink, "train.max_epochs=1", "train.log_every=5",
+         "train.checkpoint_every=10", "train.eval_every=1000", "train.eval_batches=1", "batch.micro_batch=8",
+         "cluster.max_failures=2", "run.name=faults", f"run.output_dir={shared_outputs}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+             "LAUNCHER_SAMPLE_LEDGER": str(ledger),
+             "LAUNCHER_INJECT_CHECKPOINT_KILL": f"30:{tmp_path / 'writer-killed'}"},
+    )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 15/" in line:  # after the checkpoint at step 10
+            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                       if c.name() == "ray::RayTrainWorker"]
+            assert len(workers) == 2, workers
+            max(workers, key=lambda c: c.pid).send_signal(signal.SIGKILL)
+            break
+    rest, _ = proc.communicate(timeout=400)
+    console = "".join(lines) + rest
+    assert proc.returncode == 0, console[-4000:]
+    assert (tmp_path / "writer-killed").exists()  # the injected kill did happen
+    resumed = [int(m) for m in re.findall(r"resumed from checkpoint_\S+ at step (\d+)", console)]
+    events = [ln for ln in console.splitlines() if re.search(r"resumed|checkpoint|rror|step \d+/", ln)]
+    assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] == 20, events[-60:]  # 30 was torn: 20 it is
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    plan = json.loads(Path(client.download_artifacts(run.info.run_id, "plan.json", str(tmp_path))).read_text())
+    expected = math.ceil(samples / plan["global_batch"])  # train.max_epochs=1 sets the steps from the data
+    assert plan["max_steps"] == expected and run.info.status == "FINISHED"
+    assert f"max_steps {expected} = ceil(1 epochs x {samples} samples / {plan['global_batch']})" in plan["reasons"]
+
+    trained: list[int] = []
+    for rank in (0, 1):
+        entries = [json.loads(line) for line in (ledger / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in entries] == list(range(1, expected + 1))  # each step once, rolled back steps gone
+        trained += [i for e in entries for i in e["ids"]]
+    first_epoch = sorted(i for i in trained if i < samples)
+    assert first_epoch == list(range(samples))  # every sample of the epoch, exactly once
+    assert len(trained) == len(set(trained)) == expected * plan["global_batch"]
+
+
 def test_a_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
     calls = []
     d = tmp_path / "checkpoint_x"
     checkpoint.save(d, {"recipe": "imagenet", "step": 3}, {"recipe": "imagenet", "step": 3, "plan": {}})
     with pytest.raises(checkpoint.CheckpointMismatch, match="from recipe 'imagenet', not 'bert'"):
-        checkpoint.restore([d], "bert", calls.append, print)
+        checkpoint.restore([str(d)], "bert", lambda state, _dir: calls.append(state), print)
     assert calls == []
 
-    def wrong_shape(state: dict) -> None:  # type: ignore[type-arg]
+    def wrong_shape(state: dict, _dir: Path) -> None:  # type: ignore[type-arg]
         raise RuntimeError("Error(s) in loading state_dict: size mismatch for weight")
 
     with pytest.raises(checkpoint.CheckpointMismatch, match="does not fit this model .*size mismatch"):
-        checkpoint.restore([d], "imagenet", wrong_shape, print)
+        checkpoint.restore([str(d)], "imagenet", wrong_shape, print)
+
+    torn = tmp_path / "checkpoint_y"  # newer, but its state.pt is garbage
+    torn.mkdir()
+    (torn / checkpoint.FILE).write_bytes(b"PK\x03\x04 not a whole zip")
+    warnings: list[str] = []
+    found = checkpoint.restore([str(torn), str(d)], "imagenet", lambda st, _dir: calls.append(st), warnings.append)
+    assert found is not None and found[0] == str(d) and calls[-1]["step"] == 3
+    assert "is unreadable" in warnings[0] and "trying the one before it" in warnings[0]
 
 
 def test_sigint_checkpoints_marks_the_run_killed_and_leaves_no_ray_behind(tmp_path: Path, shared_outputs: Path) -> None:
@@ -133,7 +204,7 @@ def test_sigint_checkpoints_marks_the_run_killed_and_leaves_no_ray_behind(tmp_pa
 
     (run,) = runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "KILLED"
-    saved = checkpoint.candidates(next(shared_outputs.glob("ray/interrupted-*")))
+    saved = checkpoint.candidates(str(next(shared_outputs.glob("ray/interrupted-*"))))
     assert saved and checkpoint.meta(saved[0])["step"] >= 10  # type: ignore[index]
     time.sleep(2)
     assert ray_processes() <= before  # every Ray process it started is gone

@@ -26,7 +26,8 @@ def test_groups_are_the_documented_ones() -> None:
     "combo", list(itertools.product(*[[f"{g}={c}" for c in _choices(g)] for g in GROUPS])), ids=str
 )
 def test_every_shipped_config_composes(combo: tuple[str, ...]) -> None:
-    cfg = load(list(combo))
+    needs = ["cluster.storage_path=/shared/runs"] if "cluster=ray" in combo else []  # its one required key
+    cfg = load([*combo, *needs])
     assert isinstance(cfg, Config)
     for override in combo:
         group, choice = override.split("=")
@@ -117,3 +118,14 @@ def test_target_in_a_yaml_file_is_refused(tmp_path: Path) -> None:
         hostile.unlink()
     assert any("tracking.hook" in e for e in errs)
     assert not marker.exists()
+
+
+def test_cluster_ray_needs_shared_storage() -> None:
+    (err,) = _errors(["cluster=ray"])
+    assert err.startswith("cluster.storage_path: required with cluster=ray")
+    (err,) = _errors(["cluster=ray", "cluster.storage_path=runs/here"])
+    assert "a relative local path; the other nodes of the cluster cannot see it" in err
+    for ok in ("/mnt/shared/runs", "s3://bucket/runs", "gs://b/r"):
+        assert load(["cluster=ray", f"cluster.storage_path={ok}"]).cluster.storage_path == ok
+    (err,) = _errors(["action=submit"])
+    assert "action: submit talks to a Ray cluster's job API; add cluster=ray" in err

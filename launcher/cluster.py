@@ -1,0 +1,242 @@
+"""Ray, local or a cluster someone else runs: start or connect, read its hardware, use its job API.
+
+``cluster=local`` starts an embedded single-node Ray on 127.0.0.1 and removes it afterwards.
+``cluster=ray`` connects to an existing cluster (``cluster.address``, else ``$RAY_ADDRESS``,
+else ``auto``), ships the launcher's code to its workers (``py_modules``), and reads the
+GPUs per node and their memory from it for the planner. ``action=submit|status|logs|stop``
+go through Ray Jobs (``JobSubmissionClient``). See docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import launcher
+import recipes
+from launcher.config import Cluster, Config, ConfigError
+from launcher.planner import Hardware
+
+ROOT = Path(launcher.__file__).resolve().parent.parent  # conf/, launcher/, recipes/
+GB = 1024**3
+# What a submitted job's working directory leaves out (besides what .gitignore lists)
+EXCLUDES = [".git", ".venv", "outputs", "mlruns", "mlflow.db", "*.egg-info", "bench/results", "__pycache__",
+            ".mypy_cache", ".ruff_cache", ".pytest_cache"]
+JOB_STOP_WAIT_S = 120  # SIGTERM -> SIGKILL grace of a stopped job: time to finish a step and checkpoint
+QUIET = "launcher.raylog.quiet"  # worker_process_setup_hook; imports nothing heavy
+
+
+def start_local(cpus: int) -> None:
+    """An embedded Ray for this run on 127.0.0.1, without dashboard."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # no spot preemption on this machine
+    # Ray turns a node address of 127.0.0.1 into the machine's outward IP, and its servers then
+    # listen on every interface; as a single-node Ray (its setting on macOS and Windows) it keeps
+    # 127.0.0.1 and its gRPC servers listen on loopback only.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 2, cpus),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        runtime_env={"worker_process_setup_hook": QUIET},
+    )
+
+
+def connect(cluster: Cluster) -> str:
+    """Connect to an existing cluster with the launcher's code for its workers; returns the address used."""
+    address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            [
+                f"cluster.address: {address} is a job API address (for action=submit); to train from here, "
+                "give the cluster's address (host:6379, ray://host:10001, or auto on a cluster node)"
+            ]
+        )
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        _check_reachable(host, int(port), address)
+        if host in ("127.0.0.1", "localhost"):  # a cluster on this machine's loopback: Ray must not
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # rewrite it to the outward IP
+    import ray  # after the variable above: Ray reads it on import
+
+    try:
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+            runtime_env={
+                "py_modules": [str(Path(launcher.__file__).parent), str(Path(recipes.__file__).parent)],
+                "worker_process_setup_hook": QUIET,
+            },
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(
+            [
+                f"cluster.address: cannot connect to a Ray cluster at {address!r}: {str(e).splitlines()[0][:200]} "
+                "(is `ray start --head` running there? set cluster.address or $RAY_ADDRESS)"
+            ]
+        ) from None
+    return address
+
+
+def _check_reachable(host: str, port: int, address: str) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at the address."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            [
+                f"cluster.address: nothing answers at {address} ({e}); is `ray start --head` running there? "
+                "Set cluster.address (host:6379, ray://host:10001) or $RAY_ADDRESS"
+            ]
+        ) from None
+
+
+def stop(logs: Path, local: bool) -> None:
+    """Disconnect; an embedded Ray is shut down, its logs kept in ``logs`` and its /tmp session removed."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = ray._private.worker._global_node
+    session = Path(node.get_session_dir_path()) if local and node is not None else None
+    ray.shutdown()
+    if session is None:
+        return
+    if (session / "logs").is_dir():
+        logs.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(session / "logs"), str(logs / session.name))
+    shutil.rmtree(session, ignore_errors=True)
+    latest = session.parent / "session_latest"
+    if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
+        latest.unlink()
+
+
+def hardware(cluster: Cluster) -> Hardware:
+    """The connected cluster's devices, for the planner.
+
+    GPUs: the alive nodes that have any, planned at the smallest count among them (a
+    heterogeneous cluster is planned for its smallest GPU node), and one GPU task asks torch
+    for the memory. No GPUs (or ``cluster.use_gpu=false``): ``cluster.num_workers`` CPU
+    workers (2 by default), each with an equal share of the smallest node's memory.
+    """
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpu_nodes = [int(n["Resources"].get("GPU", 0)) for n in nodes if n["Resources"].get("GPU", 0) >= 1]
+    if cluster.use_gpu is True and not gpu_nodes:
+        raise ValueError("cluster.use_gpu: true, but the Ray cluster has no GPU node (use auto or false)")
+    if gpu_nodes and cluster.use_gpu is not False:
+
+        @ray.remote(num_gpus=1)
+        def gpu_memory_gb() -> float:
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory / GB
+
+        memory = cluster.gpu_memory_gb or ray.get(gpu_memory_gb.remote(), timeout=300)
+        if cluster.num_workers:
+            return Hardware(nodes=1, devices_per_node=cluster.num_workers, device_memory_gb=memory)
+        return Hardware(nodes=len(gpu_nodes), devices_per_node=min(gpu_nodes), device_memory_gb=memory)
+    workers = cluster.num_workers or 2
+    smallest = min(n["Resources"].get("memory", 0) for n in nodes) / GB
+    share = cluster.gpu_memory_gb or smallest / workers
+    return Hardware(nodes=1, devices_per_node=workers, device_memory_gb=share, device="cpu")
+
+
+# --- Ray Jobs: submit, status, logs, stop ---------------------------------------------------------
+
+
+def _client(cfg: Config) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    address = cfg.cluster.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(
+            [
+                f"cluster.address: no Ray job API at {address or 'the local cluster'}: {str(e).splitlines()[0][:200]} "
+                "(give the dashboard address, e.g. cluster.address=http://head:8265)"
+            ]
+        ) from None
+
+
+def submit(cfg: Config, argv: list[str], tracking_uri: str) -> int:
+    """``action=submit``: the same command as a Ray job; prints its id and how to follow it."""
+    client = _client(cfg)
+    name = cfg.run.name or f"{cfg.recipe.name}-{cfg.choices.get('scale', 'full')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    keep = [a for a in argv if not a.startswith(("action=", "cluster.address=", "run.name=", "tracking.uri="))]
+    # Inside the job, Ray Jobs sets $RAY_ADDRESS: the job connects to the cluster it runs on. The
+    # tracking URI goes as an environment variable: the entrypoint is printed in the job's logs,
+    # and a URI may carry credentials.
+    args = [*keep, "action=train", f"run.name={name}", "tracking.uri=null"]
+    if tracking_uri.startswith("sqlite:"):
+        print(
+            f"warning: tracking.uri {tracking_uri} is a file on this machine; a job on another machine cannot "
+            "write it (use tracking=server tracking.uri=http://...)",
+            flush=True,
+        )
+    job_id = client.submit_job(
+        entrypoint="python -m launcher " + shlex.join(args),
+        runtime_env={
+            "working_dir": str(ROOT),
+            "excludes": EXCLUDES,
+            "env_vars": {
+                "MLFLOW_TRACKING_URI": tracking_uri,
+                "RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S),
+                "PYTHONUNBUFFERED": "1",
+            },
+        },
+        metadata={"launcher_run": name, "recipe": cfg.recipe.name},
+    )
+    address = client.get_address()
+    follow = f"python -m launcher cluster=ray cluster.address={address} run.job_id={job_id}"
+    print(
+        f"submitted job {job_id} (run {name}) to {address}\n"
+        f"  status: {follow} action=status\n"
+        f"  logs:   {follow} action=logs      (follow live: ray job logs -f {job_id} --address {address})\n"
+        f"  stop:   {follow} action=stop      (graceful: a checkpoint, then the run is marked killed)\n"
+        f"  resume: submit again with run.name={name}",
+        flush=True,
+    )
+    return 0
+
+
+def job(cfg: Config) -> int:
+    """``action=status|logs|stop`` for ``run.job_id``, else the newest job of ``run.name``."""
+    client = _client(cfg)
+    job_id = cfg.run.job_id
+    if job_id is None:
+        if not cfg.run.name:
+            raise ConfigError([f"run.job_id: action={cfg.action} needs run.job_id or run.name"])
+        mine = [j for j in client.list_jobs() if (j.metadata or {}).get("launcher_run") == cfg.run.name]
+        if not mine:
+            raise ConfigError([f"run.name: no job of run {cfg.run.name!r} at {client.get_address()}"])
+        job_id = max(mine, key=lambda j: j.start_time or 0).submission_id
+    if cfg.action == "logs":
+        sys.stdout.write(client.get_job_logs(job_id))
+        return 0
+    if cfg.action == "stop":
+        stopped = client.stop_job(job_id)
+        print(f"job {job_id}: {'stop asked (SIGTERM; it checkpoints and ends)' if stopped else 'not running'}")
+        return 0
+    info = client.get_job_info(job_id)
+    run = (info.metadata or {}).get("launcher_run", "?")
+    print(f"job {job_id} (run {run}): {info.status}" + (f": {info.message}" if info.message else ""))
+    return 0

@@ -1,0 +1,109 @@
+"""``cluster=ray`` against a real ``ray start --head`` on 127.0.0.1 (its own temp dir, stopped
+by its own process id): a run that connects to it, a job submitted through Ray Jobs, both
+recorded in MLflow, and the job's status and logs read back by run name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port, launcher
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(GCS address, job API address) of a head on loopback with 4 CPUs and the dashboard."""
+    temp = tmp_path_factory.mktemp("rayhead")
+    port, dashboard = free_port(), free_port()
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep the test cluster on loopback
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python`
+    }
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{api}/api/version", timeout=2).status == 200:
+                break
+        except OSError:
+            if time.time() > deadline or head.poll() is not None:
+                head.kill()
+                pytest.fail("ray start --head did not come up in 90 s")
+            time.sleep(0.5)
+    yield f"127.0.0.1:{port}", api
+    started = [head, *psutil.Process(head.pid).children(recursive=True)]  # only what this head started
+    for proc in started:
+        proc.terminate()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for proc in alive:
+        proc.kill()
+
+
+SHORT = ["scale=smoke", "train.max_steps=10", "train.log_every=5", "train.eval_batches=1", "train.checkpoint_every=10"]
+
+
+def test_plan_reads_the_clusters_hardware(ray_head: tuple[str, str], tmp_path: Path) -> None:
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "world size 2 = 1 node(s) x 2 cpu device(s)" in out.stdout  # no GPU node: 2 CPU workers
+
+
+def test_a_cluster_run_and_a_submitted_job_are_recorded(ray_head: tuple[str, str], tmp_path: Path) -> None:
+    gcs, api = ray_head
+    storage = tmp_path / "shared"
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    env = {"MLFLOW_TRACKING_URI": store}  # $MLFLOW_TRACKING_URI wins over ./mlflow.db, here and in the job
+    run = launcher(*SHORT, "cluster=ray", f"cluster.address={gcs}", f"cluster.storage_path={storage}",
+                   "run.name=on-cluster", f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "step 10/10" in run.stdout
+    assert any(storage.glob("on-cluster-*/checkpoint_*/state.pt"))  # checkpoints in the shared storage
+
+    common = ["cluster=ray", f"cluster.address={api}"]
+    sent = launcher(*SHORT, *common, f"cluster.storage_path={storage}", "action=submit", "run.name=submitted",
+                    cwd=tmp_path, env=env)
+    assert sent.returncode == 0, sent.stdout[-3000:] + sent.stderr[-3000:]
+    job_id = next(w for w in sent.stdout.split() if w.startswith("raysubmit_"))
+    assert "action=logs" in sent.stdout and f"run.job_id={job_id}" in sent.stdout
+
+    deadline = time.time() + 300
+    while True:  # follow it by run name, as a user would
+        status = launcher(*common, "action=status", "run.name=submitted", cwd=tmp_path)
+        assert status.returncode == 0, status.stderr[-2000:]
+        if any(s in status.stdout for s in ("SUCCEEDED", "FAILED", "STOPPED")) or time.time() > deadline:
+            break
+        time.sleep(3)
+    logs = launcher(*common, "action=logs", f"run.job_id={job_id}", cwd=tmp_path)
+    assert f"job {job_id} (run submitted): SUCCEEDED" in status.stdout, status.stdout + logs.stdout[-3000:]
+    assert "step 10/10" in logs.stdout
+
+    client = MlflowClient(tracking_uri=store)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("launcher").experiment_id])}
+    assert set(runs) == {"on-cluster", "submitted"} and not (tmp_path / "mlflow.db").exists()
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert {m.step for m in client.get_metric_history(runs["submitted"].info.run_id, "loss")} == {5, 10}
+
+
+def test_an_unreachable_cluster_fails_in_seconds(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address=127.0.0.1:{free_port()}",
+                   f"cluster.storage_path={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2 and time.perf_counter() - started < 30
+    assert "cluster.address: nothing answers at 127.0.0.1:" in out.stderr
