@@ -161,29 +161,25 @@ def latest_noise_scale(uri: str, experiment: str, recipe: str, scale: str) -> tu
 
     None when there is none, or no store yet (a missing SQLite file is not created by looking).
     """
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
-        return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
+    found = _newest_run(
+        uri, experiment, f"tags.recipe = '{recipe}' and tags.scale = '{scale}' and metrics.noise_scale > 0"
+    )
     if found is None:
         return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.recipe = '{recipe}' and tags.scale = '{scale}' and metrics.noise_scale > 0",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        return None
-    run = runs[0]
+    client, run = found
     last = max(client.get_metric_history(run.info.run_id, "noise_scale"), key=lambda m: m.step)
     return last.value, f"run {run.info.run_name} ({run.info.run_id[:8]}) at step {last.step}"
 
 
 def find_run(uri: str, experiment: str, name: str) -> tuple[str, str] | None:
     """(run id, recipe) of the newest training run called ``name`` in ``experiment``, if any."""
+    escaped = name.replace("'", "\\'")
+    found = _newest_run(uri, experiment, f"attributes.run_name = '{escaped}' and tags.action = 'train'")
+    return (found[1].info.run_id, found[1].data.tags.get("recipe", "")) if found else None
+
+
+def _newest_run(uri: str, experiment: str, filter_string: str) -> tuple[Any, Any] | None:
+    """(client, run): the newest run of ``experiment`` matching ``filter_string``; None without a store."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return None
     from mlflow.tracking import MlflowClient
@@ -192,14 +188,10 @@ def find_run(uri: str, experiment: str, name: str) -> tuple[str, str] | None:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    escaped = name.replace("'", "\\'")
     runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"attributes.run_name = '{escaped}' and tags.action = 'train'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+        [found.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=1
     )
-    return (runs[0].info.run_id, runs[0].data.tags.get("recipe", "")) if runs else None
+    return (client, runs[0]) if runs else None
 
 
 def reopen_run(uri: str, run_id: str, plan: dict[str, Any], step: int) -> None:

@@ -267,6 +267,8 @@ def test_a_tracking_outage_mid_run_loses_no_metric_and_no_secret(tmp_path: Path,
         (run,) = runs(url)
         assert run.info.status == "FINISHED"
         assert steps(url, run.info.run_id) == list(range(2, 61, 2))  # every logged step, outage or not
+        artifacts = [a.path for a in MlflowClient(tracking_uri=url).list_artifacts(run.info.run_id)]
+        assert {"config.yaml", "plan.json"} <= set(artifacts)
         params = json.dumps(run.data.params) + json.dumps(run.data.tags)
         config = Path(MlflowClient(tracking_uri=url).download_artifacts(run.info.run_id, "config.yaml",
                                                                          str(tmp_path / "a"))).read_text()
