@@ -9,6 +9,7 @@ go through Ray Jobs (``JobSubmissionClient``). See docs/cluster.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -108,14 +109,21 @@ def _check_reachable(host: str, port: int, address: str) -> None:
 
 
 def stop(logs: Path, local: bool) -> None:
-    """Disconnect; an embedded Ray is shut down, its logs kept in ``logs`` and its /tmp session removed."""
+    """Disconnect. An embedded Ray is shut down, its logs kept in ``logs``, its /tmp session removed,
+    and any of its processes still there after 10 s (an actor stuck in its own shutdown) killed."""
+    import psutil
     import ray
 
     if not ray.is_initialized():
         return
     node = ray._private.worker._global_node
     session = Path(node.get_session_dir_path()) if local and node is not None else None
+    started = psutil.Process().children(recursive=True) if local else []  # GCS, raylet, its workers
     ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
     if session is None:
         return
     if (session / "logs").is_dir():

@@ -43,7 +43,8 @@ class LocalGradNorm:
         self.sq = None
 
     def on_bucket(self, state, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations only
-        s = bucket.buffer().detach().float().pow(2).sum()
+        flat = bucket.buffer().detach().float()
+        s = torch.dot(flat, flat)  # one fused pass, no temporary
         self.sq = s if self.sq is None else self.sq + s
         return allreduce_hook(state, bucket)
 

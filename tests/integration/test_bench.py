@@ -1,0 +1,41 @@
+"""``make bench``'s scripts import and run: a tiny run of each comparison (the numbers are not checked;
+``make bench`` is not a test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "keys"),
+    [
+        ("plain_ddp.py", ["--steps=4", "--window=2"], {"time_to_first_step_s", "samples_per_s"}),
+        ("noise_overhead.py", ["--steps=3", "--warmup=1"], {"step_ms_without", "step_ms_with", "overhead"}),
+    ],
+)
+def test_bench_script_runs_under_torchrun(script: str, args: list[str], keys: set[str], shared_outputs: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(ROOT / "bench" / script), *args,
+         f"--cache={shared_outputs / 'cache'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    assert keys <= set(result) and all(result[k] > 0 for k in keys - {"overhead"})
+
+
+def test_bench_runner_imports() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run  # bench/run.py, the make bench entry point
+
+        assert callable(run.main) and callable(run.noise_overhead_run)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
