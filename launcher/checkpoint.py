@@ -148,6 +148,8 @@ def restore(
                 older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
                 warn(f"warning: checkpoint {d} is unreadable ({e}); {older}")
                 continue
+            except CheckpointMismatch:
+                raise
             except (RuntimeError, KeyError, ValueError) as e:
                 first = str(e).strip().splitlines()[0][:300]
                 raise CheckpointMismatch(

@@ -136,6 +136,15 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
                 "one worker's gradient with the all-reduced one); set cluster.num_workers >= 2"
             ]
         )
+    if resume is not None and resume.plan is not None and p.engine == "deepspeed":
+        saved = resume.plan["world_size"]
+        if resume.plan.get("engine") == "deepspeed" and saved != p.world_size:
+            raise ConfigError(
+                [
+                    f"cluster.num_workers: run {resume.name}'s ZeRO optimizer state is split over {saved} workers; "
+                    f"resume it with cluster.num_workers={saved} (engine=ddp runs re-plan for any world size)"
+                ]
+            )
     if resume is not None:
         p.reasons.append(resume.explain(p))
     print(describe(p), flush=True)

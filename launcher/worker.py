@@ -90,7 +90,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             from launcher import engine
 
             if state["plan"]["world_size"] != world:
-                raise ValueError(
+                raise checkpoint.CheckpointMismatch(
                     f"engine=deepspeed: the checkpoint's ZeRO optimizer is split over {state['plan']['world_size']} "
                     f"workers, this run has {world}; resume with cluster.num_workers={state['plan']['world_size']}"
                 )
