@@ -60,6 +60,11 @@ def _die_mid_write(tmp: Path, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def shard_file(rank: int) -> str:
+    """A rank's own file in a checkpoint (DeepSpeed: its ZeRO optimizer partition)."""
+    return f"zero_rank{rank}.pt"
+
+
 def load(directory: Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save``; no arbitrary objects are unpickled."""
     path = Path(directory) / FILE
@@ -96,7 +101,7 @@ def candidates(run_root: str, warn: Callable[[str], None] = print) -> list[str]:
             continue
         plan = recorded.get("plan") or {}
         ranks = plan.get("world_size", 0) if plan.get("engine") == "deepspeed" else 0
-        shards = [f"zero_rank{r}.pt" for r in range(ranks)]  # the name launcher/engine.py: shard_file gives
+        shards = [shard_file(r) for r in range(ranks)]
         missing = [f for f in shards if filesystem.get_file_info(f"{info.path}/{f}").type != pafs.FileType.File]
         if missing:
             warn(f"warning: checkpoint {where} lacks {', '.join(missing)} (ZeRO shards); skipping it")
@@ -129,13 +134,16 @@ def restore(
     """
     from ray.train import Checkpoint
 
+    def skip(i: int, why: str) -> None:
+        older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
+        warn(f"warning: checkpoint {dirs[i]} is unreadable ({why}); {older}")
+
     for i, d in enumerate(dirs):
         with Checkpoint(d).as_directory() as local:  # a download only when d is a URI
             try:
                 state = load(Path(local))
             except Exception as e:  # noqa: BLE001 - torch/zip/pickle errors of a torn file all mean "unreadable"
-                older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
-                warn(f"warning: checkpoint {d} is unreadable ({type(e).__name__}: {str(e)[:160]}); {older}")
+                skip(i, f"{type(e).__name__}: {str(e)[:160]}")
                 continue
             if state.get("recipe") != recipe:
                 raise CheckpointMismatch(
@@ -145,8 +153,7 @@ def restore(
             try:
                 apply(state, Path(local))
             except Unreadable as e:
-                older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
-                warn(f"warning: checkpoint {d} is unreadable ({e}); {older}")
+                skip(i, str(e))
                 continue
             except CheckpointMismatch:
                 raise

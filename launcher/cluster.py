@@ -15,7 +15,6 @@ import os
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -185,10 +184,9 @@ def _client(cfg: Config) -> Any:
         ) from None
 
 
-def submit(cfg: Config, argv: list[str], tracking_uri: str) -> int:
-    """``action=submit``: the same command as a Ray job; prints its id and how to follow it."""
+def submit(cfg: Config, argv: list[str], tracking_uri: str, name: str) -> int:
+    """``action=submit``: the same command as a Ray job under run ``name``; prints its id and how to follow it."""
     client = _client(cfg)
-    name = cfg.run.name or f"{cfg.recipe.name}-{cfg.choices.get('scale', 'full')}-{time.strftime('%Y%m%d-%H%M%S')}"
     keep = [a for a in argv if not a.startswith(("action=", "cluster.address=", "run.name=", "tracking.uri="))]
     # Inside the job, Ray Jobs sets $RAY_ADDRESS: the job connects to the cluster it runs on. The
     # tracking URI goes as an environment variable: the entrypoint is printed in the job's logs,

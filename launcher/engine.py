@@ -66,10 +66,6 @@ def check_deepspeed_config(config: dict[str, Any], world_size: int) -> list[str]
 _LIVE_KEYS = ("loss_scaler", "zero_stage", "param_slice_mappings")
 
 
-def shard_file(rank: int) -> str:
-    return f"zero_rank{rank}.pt"
-
-
 def wrap(model: Any, optimizer: Any, config: dict[str, Any]) -> tuple[Any, Any]:
     """(DeepSpeed engine, its ZeRO optimizer) around ``model`` and the launcher's ``optimizer``.
 

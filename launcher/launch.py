@@ -121,30 +121,7 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
         cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
     p = build_plan(cfg, len(data.train))
     timings["plan_s"] = time.perf_counter() - t0
-    if p.engine == "deepspeed" and p.zero_stage == 3:
-        raise ConfigError(
-            [
-                "engine.zero_stage: stage 3 (parameters partitioned) is planned and its DeepSpeed config checked "
-                "(action=plan), but the launcher's checkpoints do not gather partitioned parameters yet; "
-                "train with engine.zero_stage=2 (or 1)"
-            ]
-        )
-    if cfg.train.measure_noise_scale and (p.world_size < 2 or p.engine == "deepspeed"):
-        raise ConfigError(
-            [
-                "train.measure_noise_scale: needs engine=ddp with 2 or more data-parallel workers (it compares "
-                "one worker's gradient with the all-reduced one); set cluster.num_workers >= 2"
-            ]
-        )
-    if resume is not None and resume.plan is not None and p.engine == "deepspeed":
-        saved = resume.plan["world_size"]
-        if resume.plan.get("engine") == "deepspeed" and saved != p.world_size:
-            raise ConfigError(
-                [
-                    f"cluster.num_workers: run {resume.name}'s ZeRO optimizer state is split over {saved} workers; "
-                    f"resume it with cluster.num_workers={saved} (engine=ddp runs re-plan for any world size)"
-                ]
-            )
+    _refuse_unsupported(cfg, p, resume)
     if resume is not None:
         p.reasons.append(resume.explain(p))
     print(describe(p), flush=True)
@@ -156,8 +133,7 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
         )
         return 0
 
-    kind = "-lr_find" if cfg.action == "lr_find" else ""
-    name = cfg.run.name or f"{cfg.recipe.name}-{cfg.choices.get('scale', 'full')}{kind}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = run_name(cfg)
     try:
         if resume is not None:
             run_id = resume.run_id
@@ -187,7 +163,7 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     print(f"mlflow: {verb} ({run_id}) in {mask(uri)}", flush=True)
 
     status, backlog = "FAILED", None
-    run_dir = f"{name}-{run_id[:8]}"
+    run_dir = _run_dir(name, run_id)
     try:
         if local:
             t0 = time.perf_counter()
@@ -199,7 +175,7 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
                 "run_id": run_id,
                 "tracking_uri": uri,
                 "cache_dir": str(cache),
-                "run_root": f"{storage.rstrip('/')}/{run_dir}",
+                "run_root": f"{storage.rstrip('/')}/{run_dir}",  # the run's folder in the storage
             }
             result = _fit(cfg, p, storage, run_dir, timings, payload)
         backlog = _ray_get(actor.kept.remote())
@@ -231,7 +207,46 @@ def submit(cfg: Config, argv: list[str]) -> int:
     """``action=submit``: the tracking server is checked here, in seconds, before the job is sent."""
     from launcher import cluster
 
-    return cluster.submit(cfg, argv, _tracking_uri(cfg, Path(cfg.run.output_dir).resolve()))
+    return cluster.submit(cfg, argv, _tracking_uri(cfg, Path(cfg.run.output_dir).resolve()), run_name(cfg))
+
+
+def run_name(cfg: Config) -> str:
+    """``run.name``, else ``<recipe>-<scale>[-lr_find]-<time>``: the MLflow run's name, and the key that resumes it."""
+    kind = "-lr_find" if cfg.action == "lr_find" else ""
+    return cfg.run.name or f"{cfg.recipe.name}-{cfg.choices.get('scale', 'full')}{kind}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _run_dir(name: str, run_id: str) -> str:
+    """The run's folder in the storage (and under ``logs/``): name and MLflow run id, so names never mix runs."""
+    return f"{name}-{run_id[:8]}"
+
+
+def _refuse_unsupported(cfg: Config, p: Plan, resume: Resume | None) -> None:
+    """What the plan allows but this launcher cannot train yet; refused before anything runs."""
+    if p.engine == "deepspeed" and p.zero_stage == 3:
+        raise ConfigError(
+            [
+                "engine.zero_stage: stage 3 (parameters partitioned) is planned and its DeepSpeed config checked "
+                "(action=plan), but the launcher's checkpoints do not gather partitioned parameters yet; "
+                "train with engine.zero_stage=2 (or 1)"
+            ]
+        )
+    if cfg.train.measure_noise_scale and (p.world_size < 2 or p.engine == "deepspeed"):
+        raise ConfigError(
+            [
+                "train.measure_noise_scale: needs engine=ddp with 2 or more data-parallel workers (it compares "
+                "one worker's gradient with the all-reduced one); set cluster.num_workers >= 2"
+            ]
+        )
+    if resume is not None and resume.plan is not None and p.engine == "deepspeed":
+        saved = resume.plan["world_size"]
+        if resume.plan.get("engine") == "deepspeed" and saved != p.world_size:
+            raise ConfigError(
+                [
+                    f"cluster.num_workers: run {resume.name}'s ZeRO optimizer state is split over {saved} workers; "
+                    f"resume it with cluster.num_workers={saved} (engine=ddp runs re-plan for any world size)"
+                ]
+            )
 
 
 def _ray_get(ref: Any) -> Any:
@@ -317,7 +332,7 @@ def _find_resume(cfg: Config, uri: str, storage: str) -> Resume | None:
                 "choose another run.name, or run.resume=false to start a new run under this name"
             ]
         )
-    dirs = checkpoint.candidates(f"{storage.rstrip('/')}/{cfg.run.name}-{run_id[:8]}", warn=lambda _m: None)
+    dirs = checkpoint.candidates(f"{storage.rstrip('/')}/{_run_dir(cfg.run.name, run_id)}", warn=lambda _m: None)
     metas = [m for m in map(checkpoint.meta, dirs) if m is not None]  # the workers warn about skipped ones
     newest = metas[0] if metas else None
     return Resume(

@@ -95,9 +95,9 @@ def train_loop(payload: dict[str, Any]) -> None:
                     f"workers, this run has {world}; resume with cluster.num_workers={state['plan']['world_size']}"
                 )
             try:
-                engine.load_shard(zero, directory / engine.shard_file(rank), world)
+                engine.load_shard(zero, directory / checkpoint.shard_file(rank), world)
             except (OSError, RuntimeError, EOFError) as e:  # a torn or missing shard: try the one before
-                raise checkpoint.Unreadable(f"{engine.shard_file(rank)}: {e}") from e
+                raise checkpoint.Unreadable(f"{checkpoint.shard_file(rank)}: {e}") from e
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -164,7 +164,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             if zero is not None:  # every rank keeps its ZeRO partition; Ray merges the ranks' files
                 from launcher import engine
 
-                engine.save_shard(zero, Path(tmp) / engine.shard_file(rank))
+                engine.save_shard(zero, Path(tmp) / checkpoint.shard_file(rank))
             if rank == 0:
                 plan_record = {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")}
                 checkpoint.save(
