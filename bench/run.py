@@ -1,7 +1,8 @@
-"""``make bench``: the launcher vs torchrun + a plain DDP loop, same model, data and split, CPU.
+"""``make bench``: the launcher vs torchrun + a plain DDP loop, same model, data and split, CPU;
+then the planner vs Lightning's and Accelerate's batch-size finders (``bench/batch_finders.py``).
 
-Writes ``bench/results/cpu_smoke.json`` (numbers, commands, device, versions, date) and
-prints a table. Run from the repository root; takes a few minutes on 2 cores.
+Writes ``bench/results/cpu_smoke.json`` and ``bench/results/batch_finders.json`` (numbers,
+commands, device, versions, date) and prints the tables. Run from the repository root.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ REPEATS = 2
 
 def _median_run(runs: list[dict]) -> dict:
     keys = ("time_to_first_step_s", "samples_per_s", "wall_s")
-    return {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys},
+    phases = {k: statistics.median(r["startup"].get(k, 0.0) for r in runs) for k in runs[0]["startup"]}
+    return {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys}, "startup": phases,
             "repeats": [{k: round(r[k], 2) for k in keys} for r in runs]}
+
+
+def batch_finders_run() -> dict:
+    """Planner quality against Lightning's and Accelerate's batch-size finders (its own JSON and table)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "batch_finders.py")]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    print("\n".join(line for line in out.stdout.splitlines() if line.startswith("|")))
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def launcher_run(*extra: str) -> dict:
@@ -49,6 +59,7 @@ def launcher_run(*extra: str) -> dict:
         "time_to_first_step_s": run.data.metrics["time_to_first_step_s"],
         "samples_per_s": statistics.median(steady),
         "wall_s": wall,
+        "startup": {k: v for k, v in run.data.metrics.items() if k.startswith("startup_")},
         "grad_accum": run.data.params["plan.grad_accum"],
         "micro_batch": run.data.params["plan.micro_batch"],
     }
@@ -64,7 +75,7 @@ def torchrun_run() -> dict:
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     return {"command": "torchrun --nproc-per-node=2 bench/plain_ddp.py " + " ".join(cmd[5:]),
             "time_to_first_step_s": result["time_to_first_step_s"], "samples_per_s": result["samples_per_s"],
-            "wall_s": wall}
+            "startup": result["startup"], "wall_s": wall}
 
 
 def noise_overhead_run() -> dict:
@@ -91,6 +102,7 @@ def main() -> None:
             runs[name].append(fn())
     ours, plain = (_median_run(runs[k]) for k in ("launcher", "plain"))
     noise = noise_overhead_run()
+    finders = batch_finders_run()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     record = {
@@ -113,8 +125,12 @@ def main() -> None:
     for name, r in (("launcher", ours), ("torchrun + plain DDP", plain)):
         print(f"| {name} | {r['time_to_first_step_s']:.1f} | {r['samples_per_s']:.1f} | {r['wall_s']:.1f} |")
     print(f"\nthroughput ratio launcher / plain DDP: {record['throughput_ratio']:.3f}")
+    print("\nstart-up, seconds per phase (median):")
+    for name, r in (("launcher", ours), ("torchrun + plain DDP", plain)):
+        print(f"  {name}: " + ", ".join(f"{k[8:-2]} {v:.2f}" for k, v in r["startup"].items() if k[:8] == "startup_"))
     print(f"noise-scale measurement: {noise['step_ms_with']:.1f} vs {noise['step_ms_without']:.1f} ms per step, "
           f"overhead {100 * noise['overhead']:.2f}% (median of {noise['steps']} paired steps)")
+    print(f"batch finders: {finders['rows']} model/budget rows in {finders['out']} ({finders['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -45,14 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
-    started = time.perf_counter()
-    timings = {"launched_at": time.time()}
+    timings = {"launched_at": _process_started()}  # wall-clock stamps for the start-up breakdown
     try:
         cfg = load(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    timings["config_s"] = time.perf_counter() - started
+    timings["config_done_at"] = time.time()
     try:
         if cfg.action == "plan":
             return _plan(cfg)
@@ -123,6 +122,13 @@ def load(overrides: list[str]) -> Config:
 
 def _choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _process_started() -> float:
+    """When this process started (interpreter start and imports count as start-up too)."""
+    import psutil
+
+    return float(psutil.Process().create_time())
 
 
 def _plan(cfg: Config) -> int:

@@ -95,9 +95,8 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
     local = cfg.cluster.kind == "local"
     storage = str(out / "ray") if local else str(cfg.cluster.storage_path)
     if not local:  # connect first: the cluster's GPUs and their memory feed the plan
-        t0 = time.perf_counter()
         cluster.connect(cfg.cluster)
-        timings["ray_start_s"] = time.perf_counter() - t0
+        timings["connect_done_at"] = time.time()
     try:
         return _train(cfg, timings, out, uri, storage)
     finally:
@@ -112,15 +111,13 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     resume = _find_resume(cfg, uri, storage)
     # derived data (tokenizer, indexes): shared by the nodes when the storage is a shared path
     cache = out / "cache" if local or "://" in storage else Path(storage) / "cache"
-    t0 = time.perf_counter()
     data = RECIPES[cfg.recipe.name].build_data(cfg, cache)  # bad data fails here, before training starts
-    timings["data_s"] = time.perf_counter() - t0
+    timings["data_done_at"] = time.time()
 
-    t0 = time.perf_counter()
     if resume is not None and resume.plan is not None:  # the sample position needs the same global batch
         cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
     p = build_plan(cfg, len(data.train))
-    timings["plan_s"] = time.perf_counter() - t0
+    timings["plan_done_at"] = time.time()
     _refuse_unsupported(cfg, p, resume)
     if resume is not None:
         p.reasons.append(resume.explain(p))
@@ -161,14 +158,14 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
         ) from None
     verb = f"continuing run {name}" if resume is not None else f"run {name}"
     print(f"mlflow: {verb} ({run_id}) in {mask(uri)}", flush=True)
+    timings["tracking_done_at"] = time.time()
 
     status, backlog = "FAILED", None
     run_dir = _run_dir(name, run_id)
     try:
         if local:
-            t0 = time.perf_counter()
             cluster.start_local(p.world_size * cfg.cluster.cpus_per_worker)
-            timings["ray_start_s"] = time.perf_counter() - t0
+            timings["ray_done_at"] = time.time()
         actor = control.create(run_id)
         with _graceful_stop(actor) as stop:  # after ray.init, which sets its own SIGTERM handler
             payload = {

@@ -87,7 +87,8 @@ def batch_size(batch: Batch) -> int:
 
 
 def memory_limit() -> Any:
-    """Fault injection for tests: ``$LAUNCHER_INJECT_MEMORY_LIMIT`` bytes of saved activations per forward.
+    """Fault injection for tests: ``$LAUNCHER_INJECT_MEMORY_LIMIT`` bytes of saved activations per forward
+    (each storage counted once, as the memory estimate counts them).
 
     A forward pass that makes autograd save more than that raises ``torch.OutOfMemoryError``,
     as a device would, so the OOM back-off runs on CPU. Unset (always, outside tests): no hook.
@@ -95,11 +96,12 @@ def memory_limit() -> Any:
     limit = int(os.environ.get("LAUNCHER_INJECT_MEMORY_LIMIT", "0"))
     if not limit:
         return nullcontext()
-    used = 0
+    seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal used
-        used += t.numel() * t.element_size()
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        used = sum(seen.values())
         if used > limit:
             raise torch.OutOfMemoryError(f"injected: {used} bytes of activations > {limit}")
         return t
@@ -260,6 +262,23 @@ def evaluate(
     return {f"eval_{k}": float(both[i] / both[n + i].clamp(min=1)) for i, k in enumerate(keys)}
 
 
+def startup_phases(stamps: dict[str, float], now: float) -> dict[str, float]:
+    """Seconds from the command to the first optimizer step, and per phase.
+
+    ``stamps`` are wall-clock times, ``<phase>_done_at``, taken by the driver (config, connect,
+    data, plan, tracking, ray) and by rank 0 (workers: Ray Train's controller, the worker group
+    and the process group; worker_data; worker_model: model, DDP, optimizer, restore, loader).
+    A phase lasts from the stamp before it to its own; on a cluster the driver's and rank 0's
+    clocks may differ a little.
+    """
+    order = sorted((t, k) for k, t in {**stamps, "first_step_done_at": now}.items() if k.endswith("_done_at"))
+    phases, last = {}, stamps["launched_at"]
+    for t, k in order:
+        phases[f"startup_{k.removesuffix('_done_at')}_s"] = t - last
+        last = t
+    return {"time_to_first_step_s": now - stamps["launched_at"], **phases}
+
+
 def run(
     *,
     model: nn.Module,
@@ -278,7 +297,7 @@ def run(
     checkpoint_every: int,
     tracker: Tracker,
     hooks: Hooks,
-    launched_at: float | None = None,
+    startup: dict[str, float] | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     noise: tuple[LocalGradNorm, NoiseScale] | None = None,
 ) -> dict[str, float]:
@@ -325,10 +344,14 @@ def run(
             window_counts[k] = window_counts.get(k, 0) + totals[k]
         window_steps += 1
         done = step + 1
-        if launched_at is not None and step == start_step:  # command -> first optimizer step
-            first = {"time_to_first_step_s": time.time() - launched_at}
-            tracker.log_metrics(first, done)
-            hooks.print(f"first optimizer step {first['time_to_first_step_s']:.1f}s after the command started")
+        if startup is not None and step == start_step:  # command -> first optimizer step, by phase
+            phases = startup_phases(startup, time.time())
+            tracker.log_metrics(phases, done)
+            hooks.print(
+                f"first optimizer step {phases['time_to_first_step_s']:.1f}s after the command started ("
+                + ", ".join(f"{k[8:-2]} {v:.1f}" for k, v in phases.items() if k.startswith("startup_"))
+                + ")"
+            )
         last = done == plan.max_steps or result.stop
 
         if done % log_every == 0 or last:

@@ -182,6 +182,8 @@ def _probe_here(cfg: Config) -> dict[int, float | str]:
     return peaks
 
 
+CACHE_VERSION = 2  # bumped when the estimate or probe method changes, so no stale profile is read
+
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
 
 
@@ -220,7 +222,9 @@ def _cache_path(cfg: Config, kind: str, *extra: str) -> Path:
     """``$LAUNCHER_CACHE`` (or ~/.cache/launcher) / kind-<hash of the recipe section, torch, extra>.json."""
     key = hashlib.sha256(
         json.dumps(
-            [cfg.recipe.name, dataclasses.asdict(cfg.recipe), torch.__version__, *extra], sort_keys=True, default=str
+            [CACHE_VERSION, cfg.recipe.name, dataclasses.asdict(cfg.recipe), torch.__version__, *extra],
+            sort_keys=True,
+            default=str,
         ).encode()
     ).hexdigest()[:16]
     return Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher")) / f"{kind}-{key}.json"
@@ -234,22 +238,28 @@ def _write(cache: Path, profile: MemoryProfile) -> None:
 
 
 def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float:
-    """Bytes autograd saves for backward, per sample: (f(4) - f(2)) / 2, at least f(4) / 4."""
-    param_ids = {id(p) for p in model.parameters()}
+    """Bytes autograd saves for backward, per sample: (f(4) - f(2)) / 2, at least f(4) / 4.
+
+    Counted per storage, once: a tensor two ops save (a ReLU's output that the next conv also
+    saves) or a view of one is held once, not twice.
+    """
+    param_ids = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved_bytes(n: int) -> int:
-        total = 0
+        storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            if id(t) not in param_ids:
-                total += t.numel() * t.element_size()
+            s = t.untyped_storage()
+            if s.data_ptr() not in param_ids:
+                storages[s.data_ptr()] = s.nbytes()
             return t
 
         batch = recipe.example_batch(cfg, n)
         model.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(batch)
+            out = model(batch)  # kept until counted: its graph holds the saved storages alive
+            total = sum(storages.values())
+        del out
         return total
 
     # micro-batch 2 and 4, not 1: BatchNorm refuses one sample per channel in training mode

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,6 +35,7 @@ from launcher.tracking import MlflowTracker, NullTracker, Tracker
 
 def train_loop(payload: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
+    stamps = {**payload.get("timings", {}), "workers_done_at": time.time()}  # for the start-up breakdown
     cfg: Config = validate(payload["config"])
     plan = Plan.from_dict(payload["plan"])
     # Ray Train logs every ``ray.train.report`` at INFO from a logger named after its file, which
@@ -51,6 +53,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)
     device = ray.train.torch.get_device()
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
+    stamps["worker_data_done_at"] = time.time()
 
     model = convert_norm(recipe.build_model(cfg), plan.norm)
     zero = None  # DeepSpeed's ZeRO optimizer (engine=deepspeed)
@@ -142,6 +145,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         persistent_workers=cfg.data.num_workers > 0,
     )
 
+    stamps["worker_model_done_at"] = time.time()
     if cfg.action == "lr_find":
         _lr_find(cfg, plan, model, optimizer, loader, recipe.count, device, tracker, say)
         return
@@ -205,7 +209,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         checkpoint_every=cfg.train.checkpoint_every,
         tracker=tracker,
         hooks=Hooks(report=report, checkpoint=save, print=say, stop=poll if poll is not None else (lambda: False)),
-        launched_at=payload.get("timings", {}).get("launched_at"),
+        startup=stamps if "launched_at" in stamps else None,
         ema=ema,
         noise=noise,
     )

@@ -99,6 +99,14 @@ def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_pa
     assert history(client, run_id, "samples_per_s")[30] > 0
     assert any(shared_outputs.glob("ray/*/checkpoint_*/state.pt"))
 
+    # the start-up breakdown: every phase from the command to the first step, in order, adding up
+    phases = {k: v for k, v in run.data.metrics.items() if k.startswith("startup_")}
+    assert set(phases) == {f"startup_{p}_s" for p in (
+        "config", "data", "plan", "tracking", "ray", "workers", "worker_data", "worker_model", "first_step")}
+    assert all(v >= 0 for v in phases.values()) and phases["startup_workers_s"] > 0
+    assert sum(phases.values()) == pytest.approx(run.data.metrics["time_to_first_step_s"], abs=1e-3)
+    assert "first optimizer step " in stdout and "workers " in stdout
+
 
 def test_out_of_memory_backs_off_and_keeps_the_global_batch(
     smoke: tuple[Path, str], tmp_path: Path, shared_outputs: Path

@@ -1,0 +1,414 @@
+"""Planner quality: the largest micro-batch that fits a memory budget, found four ways.
+
+For each model and budget:
+
+- **exhaustive**: the true maximum (to within 2%), by doubling then bisection, each size in a fresh
+  process running 2 optimizer steps (the second with optimizer state allocated) under the budget;
+- **planner**: the launcher's memory bound (``plan.max_micro_batch``) from its device-free
+  estimate (no training step), then checked by running that size in a fresh capped process;
+- **lightning**: ``Tuner.scale_batch_size`` (defaults: ``mode="power"``, 3 steps per trial), and
+  its ``mode="binsearch"``;
+- **accelerate**: ``find_executable_batch_size`` (default start 128, x0.9 per OOM) around a
+  function that runs the same 2 optimizer steps.
+
+The budget on CPU is a real allocation cap: each method runs in its own forked process which,
+after one warm-up step at micro-batch 2 (thread pools, kernels), sets ``RLIMIT_AS`` to its
+address space + the budget, with glibc's mmap threshold fixed at 64 KiB (``mallopt``) so every
+tensor is its own mapping and a freed one is given back. An allocation over the cap fails in
+torch's CPU allocator with ``DefaultCPUAllocator: can't allocate memory``, the error both
+Lightning and Accelerate catch as an out-of-memory. Params, grads, optimizer state, activations,
+temporaries and everything else the process maps count against the budget, as on a GPU. oneDNN's
+primitive caches are off (they keep scratch memory per input shape after an out-of-memory, which
+would make every in-process retry fail; a GPU's allocator gives such memory back).
+
+    python bench/batch_finders.py                    # every scenario -> bench/results/batch_finders.json
+    python bench/batch_finders.py --scenario=cnn --budget=0.25 --override recipe.train_crop=32 --out=/tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import pickle
+import platform
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# oneDNN (torch's CPU convolutions) caches primitives with their scratch memory, per input shape: after an
+# out-of-memory at a large batch that memory stays, and every smaller retry in the same process fails too.
+# A GPU's caching allocator gives it back (torch.cuda.empty_cache, which both finders call); so no cache here.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "1")  # ideep's own cache of the same
+
+import torch  # noqa: E402
+
+from launcher.cli import load  # noqa: E402
+from recipes import RECIPES  # noqa: E402
+
+GB = 1024**3
+SCENARIOS: dict[str, tuple[str, list[str], list[float]]] = {
+    # name: (what it is, config overrides, budgets in GB)
+    # sizes chosen so the whole table takes about 8 minutes on 2 cores (make bench)
+    "cnn": ("small CNN: ResNet-18, 64 px, 10 classes, SGD", [
+        "recipe=imagenet", "recipe.model=resnet18", "recipe.train_crop=64", "recipe.num_classes=10"], [0.5]),
+    "resnet50": ("ResNet-50, 96 px, 100 classes, SGD", [
+        "recipe=imagenet", "recipe.model=resnet50", "recipe.train_crop=96", "recipe.num_classes=100"], [1.0]),
+    "bert-base": ("BERT-base encoder (L12 H768, vocab 30522), 32 tokens, AdamW", [
+        "recipe=bert", "recipe.seq_len=32"], [2.5]),
+}
+PRECISION = 50  # the bisection stops when the bracket is within 1/50 (2%) of the largest size that fits
+STEPS = 2  # optimizer steps per trial: the second runs with the optimizer state allocated
+
+
+# ---------------------------------------------------------------- one capped process per method
+
+
+class Setup:
+    """Model, optimizer and synthetic batches of one scenario (the recipe's own model and input)."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        self.overrides = overrides
+        self.cfg = load(overrides)
+        self.recipe = RECIPES[self.cfg.recipe.name]
+        self.sample = self.recipe.example_batch(self.cfg, 1)
+
+    def model(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return self.recipe.build_model(self.cfg)
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        if self.cfg.recipe.reference.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def batch(self, n: int) -> dict[str, torch.Tensor]:
+        return {k: v.expand(n, *v.shape[1:]).clone() for k, v in self.sample.items()}
+
+    def steps(self, model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, count: list[int]) -> None:
+        for _ in range(STEPS):
+            count[0] += 1
+            with onednn_oom():
+                out = model(self.batch(n))
+                sum(out.values()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def onednn_oom() -> Iterator[None]:
+    """oneDNN (torch's CPU convolutions) allocates its scratch memory itself; over the cap it fails with
+    "could not create a primitive", which no batch finder reads as out-of-memory. Raised again as the
+    allocator's error, the CPU counterpart of the cuDNN failure both libraries already recognize."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "could not create a primitive" not in str(e):
+            raise
+        raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory (oneDNN: {e})") from None
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _forked(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``body()`` in a forked child, its result pickled back. The parent never runs torch ops, so
+    no OpenMP pool exists at fork time (a child forked after one can hang)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            result = body()
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            result = {"error": traceback.format_exc()[-2000:]}
+        os.write(write, pickle.dumps(result))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if data:
+        return pickle.loads(data)  # type: ignore[no-any-return]
+    return {"error": f"the child died without a result (wait status {status})", "died": True}
+
+
+def _capped(setup: Setup, budget_gb: float, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """In a forked child: warm up, cap the address space at its current size + budget, run ``body``."""
+
+    def child() -> dict[str, Any]:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so big blocks are mapped and unmapped
+        libc.mallopt(-8, 1)  # M_ARENA_MAX: no per-thread arenas reserving address space
+        torch.set_num_threads(2)
+        model = setup.model()
+        setup.steps(model, setup.optimizer(model), 2, [0])  # warm-up: thread pools, kernels
+        del model
+        gc.collect()
+        base = _vm("VmSize")
+        resource.setrlimit(resource.RLIMIT_AS, (base + int(budget_gb * GB), resource.RLIM_INFINITY))
+        started = time.perf_counter()
+        result = body()
+        result["seconds"] = time.perf_counter() - started
+        result["peak_gb"] = (_vm("VmPeak") - base) / GB
+        return result
+
+    return _forked(child)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def trial(setup: Setup, budget_gb: float, n: int) -> dict[str, Any]:
+    """STEPS optimizer steps at micro-batch ``n`` in a fresh capped process: fits or oom."""
+
+    def body() -> dict[str, Any]:
+        model = setup.model()
+        try:
+            setup.steps(model, setup.optimizer(model), n, [0])
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            return {"n": n, "fits": False}
+        return {"n": n, "fits": True}
+
+    return _capped(setup, budget_gb, body)
+
+
+def exhaustive(setup: Setup, budget_gb: float) -> dict[str, Any]:
+    """Doubling, then bisection; every size in its own fresh process (no state left by an OOM)."""
+    started, trials = time.perf_counter(), []
+
+    def fits(n: int) -> bool:
+        r = trial(setup, budget_gb, n)
+        if r.get("died"):  # killed outright by an allocation that failed outside torch: it does not fit
+            r = {"n": n, "fits": False, "died": True}
+        elif "error" in r:
+            raise RuntimeError(r["error"])
+        trials.append(r)
+        return bool(r["fits"])
+
+    if not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
+        return {"max": 0, "trials": len(trials), "steps": STEPS, "seconds": time.perf_counter() - started}
+    lo, hi = 2, 4
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, lo // PRECISION):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    peak = max((t["peak_gb"] for t in trials if t["fits"] and t["n"] == lo), default=None)
+    return {"max": lo, "first_oom": hi, "trials": len(trials), "steps": STEPS * len(trials), "peak_gb_at_max": peak,
+            "seconds": time.perf_counter() - started}
+
+
+def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
+    """The launcher's bound: hardware = one CPU worker with ``budget_gb``; memory from the estimate."""
+    from launcher import memory
+    from launcher.planner import plan, request_from_config
+
+    cfg = load([*setup.overrides, "cluster.num_workers=1", f"cluster.gpu_memory_gb={budget_gb}",
+                "batch.global_batch=65536"])
+
+    def child() -> dict[str, Any]:
+        torch.set_num_threads(2)
+        with tempfile.TemporaryDirectory() as cache:  # measure the estimate, not a cache read
+            os.environ["LAUNCHER_CACHE"] = cache
+            started = time.perf_counter()
+            hw = memory.detect_hardware(cfg.cluster)
+            mem = memory.memory_profile(cfg, setup.recipe, hw)
+            p = plan(request_from_config(cfg), hw, mem)
+            return {"max": p.max_micro_batch, "steps": 0, "seconds": time.perf_counter() - started,
+                    "estimated_gb_at_max": mem.model_gb + p.max_micro_batch * mem.per_sample_gb,
+                    "per_sample_gb": mem.per_sample_gb, "model_states_gb": mem.model_gb, "source": mem.source}
+
+    result = _forked(child)
+    if "error" in result:
+        return result
+    check = trial(setup, budget_gb, result["max"])
+    return {**result, "fits": check.get("fits"), "measured_peak_gb_at_max": check.get("peak_gb")}
+
+
+def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:
+    """``Tuner(trainer).scale_batch_size(module, mode=mode)`` with its defaults, under the cap."""
+
+    def body() -> dict[str, Any]:
+        import logging
+
+        import lightning.pytorch as pl
+        from lightning.pytorch.tuner import Tuner
+        from torch.utils.data import DataLoader
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        count = [0]
+
+        class Module(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = setup.model()
+                self.batch_size = 2
+
+            def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+                count[0] += 1
+                with onednn_oom():
+                    return sum(self.net(batch).values())  # type: ignore[return-value]
+
+            def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+                with onednn_oom():
+                    loss.backward(*args, **kwargs)
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return setup.optimizer(self.net)
+
+            def train_dataloader(self) -> DataLoader:
+                one = {k: v[0] for k, v in setup.sample.items()}
+                return DataLoader(_Repeat(one, 1 << 16), batch_size=self.batch_size)
+
+        with tempfile.TemporaryDirectory() as root:
+            trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                                 max_epochs=1)
+            restore = trainer._checkpoint_connector.restore
+
+            def uncapped_restore(*a: Any, **k: Any) -> Any:
+                # After the search Lightning reloads its pre-search checkpoint into host memory; on a GPU
+                # that copy is not in the GPU's budget, so it is not in this one either.
+                resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                return restore(*a, **k)
+
+            trainer._checkpoint_connector.restore = uncapped_restore  # type: ignore[method-assign]
+            found = Tuner(trainer).scale_batch_size(Module(), mode=mode)
+        return {"max": found, "steps": count[0]}
+
+    return _capped(setup, budget_gb, body)
+
+
+def accelerate(setup: Setup, budget_gb: float) -> dict[str, Any]:
+    """``find_executable_batch_size`` (start 128, x0.9 per OOM) around STEPS optimizer steps."""
+
+    def body() -> dict[str, Any]:
+        from accelerate.utils import find_executable_batch_size
+
+        count, tried = [0], []
+        model = setup.model()
+        opt = setup.optimizer(model)
+
+        @find_executable_batch_size(starting_batch_size=128)
+        def run(batch_size: int) -> int:
+            tried.append(batch_size)
+            opt.zero_grad(set_to_none=True)
+            setup.steps(model, opt, batch_size, count)
+            return batch_size
+
+        return {"max": run(), "steps": count[0], "trials": len(tried)}
+
+    return _capped(setup, budget_gb, body)
+
+
+class _Repeat(torch.utils.data.Dataset):
+    def __init__(self, item: dict[str, torch.Tensor], length: int) -> None:
+        self.item, self.length = item, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.item
+
+
+# ---------------------------------------------------------------- driver
+
+def run_scenario(name: str, overrides: list[str], budget_gb: float) -> dict[str, Any]:
+    setup = Setup(overrides)
+    row: dict[str, Any] = {"scenario": name, "overrides": overrides, "budget_gb": budget_gb}
+    row["exhaustive"] = exhaustive(setup, budget_gb)
+    row["planner"] = planner(setup, budget_gb)
+    row["lightning_power"] = lightning(setup, budget_gb, "power")
+    row["lightning_binsearch"] = lightning(setup, budget_gb, "binsearch")
+    row["accelerate"] = accelerate(setup, budget_gb)
+    true_max = row["exhaustive"]["max"]
+    for method in ("planner", "lightning_power", "lightning_binsearch", "accelerate"):
+        found = row[method].get("max")
+        row[method]["of_true_max"] = found / true_max if found and true_max else None
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | budget | true max (trials) | planner: bound, of max, steps, fits | "
+            "Lightning power: found, of max, steps | Lightning binsearch | Accelerate: found, of max, steps |")
+    lines = [head, "|" + "---|" * 7]
+
+    def cell(r: dict[str, Any]) -> str:
+        if "error" in r:
+            return "error"
+        share = f"{r['of_true_max']:.0%}" if r.get("of_true_max") is not None else "-"
+        return f"{r['max']}, {share}, {r['steps']} steps, {r['seconds']:.1f} s"
+
+    for row in rows:
+        p, true = row["planner"], row["exhaustive"]
+        lines.append(
+            f"| {row['scenario']} | {row['budget_gb']:g} GB | {true['max']} ({true['trials']}) "
+            f"| {p['max']}, {p['of_true_max']:.0%}, 0 steps ({p['seconds']:.1f} s), "
+            f"{'fits' if p['fits'] else 'OOM'} | {cell(row['lightning_power'])} | {cell(row['lightning_binsearch'])} "
+            f"| {cell(row['accelerate'])} |"
+        )
+    return "\n".join(lines)
+
+
+def record(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    import accelerate as acc
+    import lightning as pl
+
+    return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
+                  "budget = RLIMIT_AS cap per forked process",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "lightning": pl.__version__, "accelerate": acc.__version__},
+        "wall_s": time.time() - started,
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
+    ap.add_argument("--budget", type=float, action="append", help="GB; default: the scenario's budgets")
+    ap.add_argument("--override", action="append", default=[], help="extra config override, e.g. recipe.train_crop=32")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_finders.json")
+    args = ap.parse_args()
+    import accelerate.utils  # noqa: F401 - imported before any fork: the cap measures training, not imports
+    import lightning.pytorch  # noqa: F401
+
+    rows = []
+    started = time.time()
+    for name in args.scenario or list(SCENARIOS):
+        what, overrides, budgets = SCENARIOS[name]
+        for budget in args.budget or budgets:
+            print(f"[batch_finders] {name} ({what}) at {budget:g} GB ...", flush=True)
+            rows.append({"what": what, **run_scenario(name, overrides + args.override, budget)})
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            result = record(rows, started)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))  # after each row: a long run keeps what it measured
+    print(table(rows))
+    print(json.dumps({"rows": len(rows), "out": str(args.out), "wall_s": time.time() - started}))
+
+
+if __name__ == "__main__":
+    main()
