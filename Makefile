@@ -35,7 +35,7 @@ test: setup ## lint, type-check and run the tests (unit + integration)
 plan: setup ## show the plan for BERT on 8x8 80 GB GPUs at global batch 8192 (no training)
 	$(BIN)/python -m launcher action=plan cluster.nodes=8 cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 batch.global_batch=8192
 
-bench: setup ## benchmarks on CPU -> bench/results/*.json and tables (about 15 min on 2 cores)
+bench: setup ## benchmarks on CPU -> bench/results/*.json and tables (about 17 min on 2 cores)
 	$(BIN)/python bench/run.py
 
 mlflow-ui: setup ## open the local MLflow store at http://127.0.0.1:5000

@@ -102,7 +102,6 @@ def main() -> None:
             runs[name].append(fn())
     ours, plain = (_median_run(runs[k]) for k in ("launcher", "plain"))
     noise = noise_overhead_run()
-    finders = batch_finders_run()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     record = {
@@ -119,7 +118,8 @@ def main() -> None:
         "throughput_ratio": ours["samples_per_s"] / plain["samples_per_s"],
         "noise_scale_overhead": noise,
     }
-    (RESULTS / "cpu_smoke.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / "cpu_smoke.json").write_text(json.dumps(record, indent=2) + "\n")  # before the long part
+    finders = batch_finders_run()
     print(f"\n{record['workload']}\n{record['device']}\n")
     print("| | time to first step (s) | steady samples/s | wall (s) |\n|---|---|---|---|")
     for name, r in (("launcher", ours), ("torchrun + plain DDP", plain)):

@@ -1,7 +1,8 @@
 """What passes between the driver and rank 0 while a run trains, on whatever node rank 0 is.
 
 Two things: a graceful stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``), and the
-metrics rank 0 could not send to MLflow by the end of training. Both go through a tiny
+metrics rank 0 could not send to MLflow by the end of training (and, once, whether this is the
+run's first worker group, whose start-up is timed). Both go through a tiny
 named Ray actor that the driver creates for the run, so neither needs a shared filesystem.
 """
 
@@ -19,6 +20,12 @@ class RunControl:
     def __init__(self) -> None:
         self._stop = False
         self._backlog: dict[str, Any] | None = None
+        self._started = False
+
+    def first_start(self) -> bool:
+        """True once per run: a worker group Ray Train restarts after a failure is not a start-up."""
+        first, self._started = not self._started, True
+        return first
 
     def ask_stop(self) -> None:
         self._stop = True
@@ -59,6 +66,9 @@ class StopPoll:
             self._next = now + POLL_S
             self._asked = bool(self._ray.get(self._actor.stop_asked.remote(), timeout=30))
         return self._asked
+
+    def first_start(self) -> bool:
+        return bool(self._ray.get(self._actor.first_start.remote(), timeout=30))
 
     def keep(self, backlog: dict[str, Any]) -> None:
         """Hand metrics that could not be sent to the driver, which sends or spools them."""

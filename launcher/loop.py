@@ -86,9 +86,33 @@ def batch_size(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
-def memory_limit() -> Any:
-    """Fault injection for tests: ``$LAUNCHER_INJECT_MEMORY_LIMIT`` bytes of saved activations per forward
-    (each storage counted once, as the memory estimate counts them).
+class SavedBytes:
+    """Bytes autograd saves for backward (a ``saved_tensors_hooks`` pack hook), each tensor once:
+    a ReLU output that the next layer also saves counts once; a view counts the bytes it spans;
+    parameters (``skip``) do not count."""
+
+    def __init__(self, skip: Iterable[torch.Tensor] = ()) -> None:
+        self.skip = {p.data_ptr() for p in skip}
+        self.seen: set[tuple[int, ...]] = set()
+        self.total = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:  # sparse or storage-less: no address to share
+            ptr = 0
+        if ptr and ptr in self.skip:
+            return t
+        key = (ptr, t.numel(), t.element_size()) if ptr else (id(t),)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += t.numel() * t.element_size()
+        return t
+
+
+def memory_limit(model: nn.Module) -> Any:
+    """Fault injection for tests: ``$LAUNCHER_INJECT_MEMORY_LIMIT`` bytes of saved activations per forward,
+    counted as the memory estimate counts them (``SavedBytes``).
 
     A forward pass that makes autograd save more than that raises ``torch.OutOfMemoryError``,
     as a device would, so the OOM back-off runs on CPU. Unset (always, outside tests): no hook.
@@ -96,14 +120,12 @@ def memory_limit() -> Any:
     limit = int(os.environ.get("LAUNCHER_INJECT_MEMORY_LIMIT", "0"))
     if not limit:
         return nullcontext()
-    seen: dict[int, int] = {}
+    saved = SavedBytes(model.parameters())
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        used = sum(seen.values())
-        if used > limit:
-            raise torch.OutOfMemoryError(f"injected: {used} bytes of activations > {limit}")
+        saved.pack(t)
+        if saved.total > limit:
+            raise torch.OutOfMemoryError(f"injected: {saved.total} bytes of activations > {limit}")
         return t
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -148,7 +170,7 @@ def train_step(
         with nullcontext() if final or no_sync is None else no_sync():
             if not oom:
                 try:
-                    with autocast(device, precision), memory_limit():
+                    with autocast(device, precision), memory_limit(model):
                         out = model(to_device(batch, device))
                         loss = sum(out[k] / totals[k] for k in out) * world
                 except torch.OutOfMemoryError:

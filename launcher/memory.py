@@ -240,27 +240,19 @@ def _write(cache: Path, profile: MemoryProfile) -> None:
 def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float:
     """Bytes autograd saves for backward, per sample: (f(4) - f(2)) / 2, at least f(4) / 4.
 
-    Counted per storage, once: a tensor two ops save (a ReLU's output that the next conv also
-    saves) or a view of one is held once, not twice.
+    Each saved tensor counted once (``loop.SavedBytes``): a ReLU output that the next layer also
+    saves is one tensor, not two.
     """
-    param_ids = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    from launcher.loop import SavedBytes
 
     def saved_bytes(n: int) -> int:
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            s = t.untyped_storage()
-            if s.data_ptr() not in param_ids:
-                storages[s.data_ptr()] = s.nbytes()
-            return t
-
+        saved = SavedBytes(model.parameters())
         batch = recipe.example_batch(cfg, n)
         model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(batch)  # kept until counted: its graph holds the saved storages alive
-            total = sum(storages.values())
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            out = model(batch)  # kept until counted, so no saved tensor's address is reused meanwhile
         del out
-        return total
+        return saved.total
 
     # micro-batch 2 and 4, not 1: BatchNorm refuses one sample per channel in training mode
     two, four = saved_bytes(2), saved_bytes(4)

@@ -209,7 +209,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         checkpoint_every=cfg.train.checkpoint_every,
         tracker=tracker,
         hooks=Hooks(report=report, checkpoint=save, print=say, stop=poll if poll is not None else (lambda: False)),
-        startup=stamps if "launched_at" in stamps else None,
+        startup=stamps if poll is not None and "launched_at" in stamps and poll.first_start() else None,
         ema=ema,
         noise=noise,
     )
