@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ranks import finish  # bench/ranks.py (the script's folder is on sys.path)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -77,13 +76,7 @@ def main() -> None:
             "overhead": statistics.median(paired) - 1,  # the median of per-step ratios, same micro-batches
             "steps": args.steps,
         }))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Skip interpreter finalization: torch 2.x/gloo aborts there now and then ("terminate called without
-    # an active exception", no Python frame; ~1 run in 10 on 2 CPU ranks), after the numbers are printed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ranks import finish  # bench/ranks.py (the script's folder is on sys.path)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -82,13 +82,7 @@ def main() -> None:
         startup = {"launched_at": launched_at, **stamps}
         print(json.dumps({"time_to_first_step_s": first_step_s, "samples_per_s": statistics.median(steady),
                           "windows": windows, "startup": startup_phases(startup, stamps["first_step_done_at"])}))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Skip interpreter finalization: torch 2.x/gloo aborts there now and then ("terminate called without
-    # an active exception", no Python frame; ~1 run in 10 on 2 CPU ranks), after the numbers are printed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":
