@@ -1,9 +1,10 @@
 """The cost of ``train.measure_noise_scale``, isolated: ``torchrun --nproc-per-node=2 bench/noise_overhead.py``.
 
 Whole launcher runs vary by several percent from run to run on a shared 2-core machine, more
-than the measurement costs. So this times the launcher's own ``train_step`` on the BERT smoke
-model: at every step, the same micro-batches go through a DDP model without the noise-scale
-hook and through one with it (``launcher/noise.py``: the per-bucket squared norm before DDP's
+than the measurement costs. So this times the launcher's own step (``launcher/step.py:
+DDPStep``) on the BERT smoke model: at every step, the same micro-batches go through a DDP
+model without the noise-scale hook and through one with it (``launcher/noise.py``, wired as
+``launcher/hooks.py: NoiseScaleHook`` does: the per-bucket squared norm before DDP's
 all-reduce, the global norm, the estimator update), in alternating order, and the overhead is
 the median of the per-step time ratios.
 Rank 0 prints one JSON line.
@@ -25,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from launcher.cli import load
 from launcher.data import StepBatches
-from launcher.loop import train_step
 from launcher.noise import LocalGradNorm, NoiseScale
+from launcher.step import DDPStep, StepScalars
 from recipes import bert
 
 
@@ -45,27 +46,31 @@ def main() -> None:
     data = bert.build_data(cfg, Path(args.cache))
     sampler = StepBatches(len(data.train), micro=args.micro, accum=args.accum, world=world, rank=rank, seed=0)
     batches = iter(DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate))
-    models = {}
+    device = torch.device("cpu")
+    steps = {}
     for name in ("plain", "noise"):
         torch.manual_seed(0)
         model = DDP(bert.build_model(cfg))
-        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    hook = LocalGradNorm.attach(models["noise"][0])
+        scalars = StepScalars()
+        if name == "noise":  # as launcher/hooks.py: NoiseScaleHook
+            hook = LocalGradNorm.attach(model)
+            scalars.register("noise_local_sq", lambda h=hook: float(h.sq) if h.sq is not None else 0.0)
+        steps[name] = DDPStep(model, torch.optim.AdamW(model.parameters(), lr=1e-4), bert.count, scalars,
+                              device=device, grad_clip=1.0, need_grad_norm=name == "noise")
     estimator = NoiseScale(b_small=args.micro * args.accum, b_big=args.micro * args.accum * world)
-    device = torch.device("cpu")
 
     times: dict[str, list[float]] = {"plain": [], "noise": []}
     for step in range(args.warmup + args.steps):
         micro = [next(batches) for _ in range(args.accum)]
         order = ("plain", "noise") if step % 2 == 0 else ("noise", "plain")  # no side always goes first
         for name in order:
-            model, opt = models[name]
             dist.barrier()
             started = time.perf_counter()
-            result = train_step(model, opt, micro, bert.count, device=device, grad_clip=1.0,
-                                local_norm=hook if name == "noise" else None)
-            if name == "noise" and result is not None and result.small_sq is not None:
-                estimator.update(result.small_sq, result.big_sq or 0.0)
+            if name == "noise":
+                hook.reset()
+            result = steps[name](micro, step)
+            if name == "noise" and result.grad_norm is not None:
+                estimator.update(result.scalars["noise_local_sq"] / world, result.grad_norm**2)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - started)
     if rank == 0:

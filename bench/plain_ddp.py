@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from launcher.cli import load, process_started
-from launcher.loop import startup_phases
+from launcher.hooks import startup_phases
 from recipes import bert
 
 

@@ -1,26 +1,43 @@
-"""Checkpoints: one ``state.pt`` per checkpoint directory, written atomically, read safely.
+"""Checkpoints: a ``{name: Stateful}`` map saved atomically and restored safely.
 
-A checkpoint holds the model, optimizer, scheduler, RNG states, the step (which is the
-data position, see ``launcher/data.py``), and the plan it was made under; ``meta.json``
-beside it repeats the recipe, step and plan so the driver can plan a resume without
-loading tensors. ``state.pt`` is loaded with ``torch.load(weights_only=True)``: no pickled
-code runs on load. A checkpoint that cannot be read (truncated, corrupt) is skipped for
-the one before it, with a warning; one from another recipe or model shape is refused.
+The layout, in one place (``layout`` / ``read_layout``):
+
+    state.pt          rank 0's file: {"format": 2, "recipe", "step", "plan", "parts": {name: state_dict}}
+                      parts: model, optimizer (DDP), scheduler, rng, and ema / noise_scale when on
+    <name>_rank<r>.pt one file per rank for a part split over the ranks (DeepSpeed: ``zero``, its
+                      ZeRO optimizer partition); such parts load only on the same world size
+    meta.json         recipe, step, plan and the size of state.pt, so the driver plans a resume
+                      without loading tensors
+
+The step is the data position (``launcher/data.py``). A checkpoint written before the map
+(format 1: the parts at the top level beside recipe, step and plan) is read as format 2.
+``state.pt`` is loaded with ``torch.load(weights_only=True)``: no pickled code runs on load.
+A checkpoint that cannot be read (truncated, corrupt) is skipped for the one before it, with
+a warning; one from another recipe or model shape is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
 
 import torch
 
 FILE = "state.pt"
 META = "meta.json"
+FORMAT = 2  # the layout of state.pt (see above); format 1 had no "format" key
+AfterWrite = Callable[[Path, int], None]
+
+
+class Stateful(Protocol):
+    """What the checkpointer saves and restores by name (torch modules, optimizers and schedulers are)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], /) -> Any: ...
 
 
 class Unreadable(Exception):
@@ -31,12 +48,14 @@ class CheckpointMismatch(RuntimeError):
     """A readable checkpoint that belongs to another recipe or model: never silently loaded."""
 
 
-def save(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write ``state`` to ``directory/state.pt`` via a temporary name and an atomic rename."""
+def save(
+    directory: Path, state: dict[str, Any], meta: dict[str, Any], after_write: AfterWrite = lambda _tmp, _step: None
+) -> Path:
+    """Write ``state`` to ``directory/state.pt`` via a temporary name, fsync and an atomic rename."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (FILE + ".tmp")
     torch.save(state, tmp)
-    _die_mid_write(tmp, int(meta.get("step", -1)))
+    after_write(tmp, int(meta.get("step", -1)))  # fault injection in tests (launcher/faults.py)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     (directory / META).write_text(json.dumps({**meta, "bytes": tmp.stat().st_size}))
@@ -44,25 +63,9 @@ def save(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     return directory / FILE
 
 
-def _die_mid_write(tmp: Path, step: int) -> None:
-    """Fault injection for tests: ``$LAUNCHER_INJECT_CHECKPOINT_KILL=<step>:<marker file>`` kills this
-    process (SIGKILL) halfway through writing the checkpoint of that step, once (the marker file
-    says it happened). Unset (always, outside tests): nothing."""
-    spec = os.environ.get("LAUNCHER_INJECT_CHECKPOINT_KILL")
-    if not spec:
-        return
-    at, _, marker = spec.partition(":")
-    if int(at) != step or Path(marker).exists():
-        return
-    Path(marker).touch()
-    with open(tmp, "r+b") as f:
-        f.truncate(tmp.stat().st_size // 2)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def shard_file(rank: int) -> str:
-    """A rank's own file in a checkpoint (DeepSpeed: its ZeRO optimizer partition)."""
-    return f"zero_rank{rank}.pt"
+def shard_file(rank: int, name: str = "zero") -> str:
+    """A rank's own file of a part split over the ranks (DeepSpeed: ``zero``, its ZeRO optimizer partition)."""
+    return f"{name}_rank{rank}.pt"
 
 
 def load(directory: Path) -> dict[str, Any]:
@@ -122,63 +125,148 @@ def meta(directory: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def restore(
-    dirs: list[str], recipe: str, apply: Callable[[dict[str, Any], Path], None], warn: Callable[[str], None]
-) -> tuple[str, dict[str, Any]] | None:
-    """Load the first readable checkpoint of ``dirs`` (paths or URIs, newest first) and ``apply`` it.
+def layout(recipe: str, step: int, plan: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
+    """What ``state.pt`` holds (format 2)."""
+    return {"format": FORMAT, "recipe": recipe, "step": step, "plan": plan, "parts": parts}
 
-    ``apply(state, local_dir)`` gets rank 0's state and the checkpoint's local directory (where
-    per-rank files, such as DeepSpeed's optimizer shards, are). Unreadable ones are skipped with
-    a warning. A readable one from another recipe, or whose tensors do not fit the model
-    (``apply`` raises), stops with ``CheckpointMismatch``.
+
+def read_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """A loaded ``state.pt`` as format 2; format 1 (launcher 08cb4ac and before) kept its parts at the top level."""
+    version = state.get("format", 1)
+    if version == FORMAT:
+        return state
+    if version == 1:
+        head = ("recipe", "step", "plan")
+        parts = {k: v for k, v in state.items() if k not in head}
+        return layout(state.get("recipe", ""), int(state["step"]), state.get("plan") or {}, parts)
+    raise CheckpointMismatch(
+        f"checkpoint format {version} is newer than this launcher reads ({FORMAT}); upgrade the launcher"
+    )
+
+
+def shard_world_refusal(saved: int, world: int) -> str:
+    """Why per-rank parts (ZeRO optimizer shards) cannot restore on another world size, and what to do."""
+    return (
+        f"cluster.num_workers: the checkpoint's ZeRO optimizer state is split over {saved} workers, this run has "
+        f"{world}; resume it with cluster.num_workers={saved} (engine=ddp runs re-plan for any world size)"
+    )
+
+
+class RNG:
+    """The torch (and CUDA) generators' states, as a Stateful part."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and restores a run's ``{name: Stateful}`` parts (see the layout above).
+
+    ``parts`` are the same on every rank and saved by rank 0; ``shards`` are each rank's own
+    (one file per rank and name). ``meta`` is what a checkpoint records beside them: the
+    recipe and the plan it was made under.
     """
-    from ray.train import Checkpoint
 
-    def skip(i: int, why: str) -> None:
-        older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
-        warn(f"warning: checkpoint {dirs[i]} is unreadable ({why}); {older}")
+    def __init__(
+        self,
+        parts: dict[str, Stateful],
+        shards: dict[str, Stateful],
+        *,
+        recipe: str,
+        plan: dict[str, Any],
+        rank: int,
+        world: int,
+        after_write: AfterWrite = lambda _tmp, _step: None,
+    ) -> None:
+        self.parts, self.shards, self.recipe, self.plan = parts, shards, recipe, plan
+        self.rank, self.world, self.after_write = rank, world, after_write
 
-    for i, d in enumerate(dirs):
-        with Checkpoint(d).as_directory() as local:  # a download only when d is a URI
-            try:
-                state = load(Path(local))
-            except Exception as e:  # noqa: BLE001 - torch/zip/pickle errors of a torn file all mean "unreadable"
-                skip(i, f"{type(e).__name__}: {str(e)[:160]}")
-                continue
-            if state.get("recipe") != recipe:
-                raise CheckpointMismatch(
-                    f"checkpoint {d} is from recipe {state.get('recipe')!r}, not {recipe!r}; "
-                    "use another run.name, or run.resume=false to start over"
-                )
-            try:
-                apply(state, Path(local))
-            except Unreadable as e:
-                skip(i, str(e))
-                continue
-            except CheckpointMismatch:
-                raise
-            except (RuntimeError, KeyError, ValueError) as e:
-                first = str(e).strip().splitlines()[0][:300]
-                raise CheckpointMismatch(
-                    f"checkpoint {d} does not fit this model ({first}); the recipe's model settings changed "
-                    "since it was written: use another run.name, or run.resume=false to start over"
-                ) from None
-            return d, state
-    if dirs:
-        raise RuntimeError(
-            f"none of the {len(dirs)} checkpoints of this run could be read; run.resume=false starts over"
-        )
-    return None
+    def save(self, directory: Path, step: int) -> None:
+        """This rank's files of the checkpoint at ``step`` into ``directory`` (a local folder)."""
+        for name, part in self.shards.items():
+            _write_atomic(part.state_dict(), directory / shard_file(self.rank, name))
+        if self.rank == 0:
+            state = layout(self.recipe, step, self.plan, {n: p.state_dict() for n, p in self.parts.items()})
+            save(directory, state, {"recipe": self.recipe, "step": step, "plan": self.plan}, self.after_write)
+
+    def restore(self, dirs: list[str], warn: Callable[[str], None]) -> tuple[str, dict[str, Any]] | None:
+        """Load the first readable checkpoint of ``dirs`` (paths or URIs, newest first) into the parts.
+
+        Returns (its path, its state.pt less the parts: recipe, step, plan), or None when ``dirs``
+        is empty. Unreadable ones are skipped with a warning. A readable one from another recipe,
+        or whose tensors do not fit the model, stops with ``CheckpointMismatch``.
+        """
+        from ray.train import Checkpoint
+
+        def skip(i: int, why: str) -> None:
+            older = "trying the one before it" if i + 1 < len(dirs) else "no older checkpoint is left"
+            warn(f"warning: checkpoint {dirs[i]} is unreadable ({why}); {older}")
+
+        for i, d in enumerate(dirs):
+            with Checkpoint(d).as_directory() as local:  # a download only when d is a URI
+                try:
+                    state = read_layout(load(Path(local)))
+                except CheckpointMismatch:
+                    raise
+                except Exception as e:  # noqa: BLE001 - torch/zip/pickle errors of a torn file all mean "unreadable"
+                    skip(i, f"{type(e).__name__}: {str(e)[:160]}")
+                    continue
+                try:
+                    self._apply(d, state, Path(local), warn)
+                except Unreadable as e:
+                    skip(i, str(e))
+                    continue
+                return d, {k: v for k, v in state.items() if k != "parts"}
+        if dirs:
+            raise RuntimeError(
+                f"none of the {len(dirs)} checkpoints of this run could be read; run.resume=false starts over"
+            )
+        return None
+
+    def _apply(self, where: str, state: dict[str, Any], local: Path, warn: Callable[[str], None]) -> None:
+        if state["recipe"] != self.recipe:
+            raise CheckpointMismatch(
+                f"checkpoint {where} is from recipe {state['recipe']!r}, not {self.recipe!r}; "
+                "use another run.name, or run.resume=false to start over"
+            )
+        saved_world = (state["plan"] or {}).get("world_size", self.world)
+        if self.shards and saved_world != self.world:
+            raise CheckpointMismatch(shard_world_refusal(saved_world, self.world))
+        try:
+            for name, part in self.parts.items():
+                if name in state["parts"]:
+                    part.load_state_dict(state["parts"][name])
+                elif self.rank == 0:
+                    warn(f"checkpoint {PurePosixPath(where).name} has no {name}: it starts fresh")
+            for name, part in self.shards.items():
+                part.load_state_dict(_read_shard(local / shard_file(self.rank, name)))
+        except (Unreadable, CheckpointMismatch):
+            raise
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise CheckpointMismatch(
+                f"checkpoint {where} does not fit this model ({first}); the recipe's model settings changed "
+                "since it was written: use another run.name, or run.resume=false to start over"
+            ) from None
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def _read_shard(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+    except (OSError, RuntimeError, EOFError) as e:  # a torn or missing shard: try the checkpoint before
+        raise Unreadable(f"{path.name}: {e}") from e
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _write_atomic(state: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)

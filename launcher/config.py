@@ -4,6 +4,12 @@ Hydra composes YAML (``conf/``) and command-line overrides into a plain dict; th
 checks that dict against the dataclasses below and turns it into typed objects. It never
 imports Hydra, torch or Ray (a layering test keeps it so).
 
+Each field carries, in one place, its default, its one-line doc and (where a range applies)
+its check: ``dataclasses.fields(Train)[i].metadata`` holds ``"doc"`` and ``"check"``, a
+``(predicate, "what is allowed")`` pair; ``schema_field("train.max_steps")`` finds the field of a
+dotted key, ``doc(key)`` and ``check_of(key)`` read its metadata.
+``conf/config.yaml`` restates the defaults with their sources; a unit test keeps the two equal.
+
 Validation collects *every* error of a config before reporting, names each by its full
 key, lists the allowed values and suggests the closest valid key for a typo.
 """
@@ -14,121 +20,198 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 # ---------------------------------------------------------------------------------------
-# Schema. Every field is documented by the comment or docstring beside it; conf/*.yaml
-# carries the values and their sources.
+# Fields: a default, a one-line doc and an optional range check, side by side.
+# ---------------------------------------------------------------------------------------
+
+Check = tuple[Callable[[Any], bool], str]  # (predicate on a typed, non-null value, what is allowed)
+
+POSITIVE: Check = (lambda v: v > 0, "a number > 0")
+AT_LEAST_1: Check = (lambda v: v == "auto" or v >= 1, "an integer >= 1")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "a number >= 0")
+FRACTION: Check = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+PROBABILITY: Check = (lambda v: 0 < v < 1, "a probability in (0, 1)")
+
+
+def at_least(n: int) -> Check:
+    return (lambda v: v >= n, f"an integer >= {n}")
+
+
+def _two_betas(v: list[float]) -> bool:
+    return len(v) == 2 and all(0 <= b < 1 for b in v)
+
+
+def about(doc: str, check: Check | None = None) -> dict[str, Any]:
+    """A field's metadata: its one-line doc and its range check (``None`` for no range)."""
+    return {"doc": doc, "check": check}
+
+
+def setting(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A field with a default (a list default is copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=about(doc, check))
+    return field(default=default, metadata=about(doc, check))
+
+
+def section(schema: type, doc: str) -> Any:
+    """A nested section, defaulting to its own defaults."""
+    return field(default_factory=schema, metadata=about(doc))
+
+
+def schema_field(key: str, recipe: str = "bert") -> dataclasses.Field[Any]:
+    """The schema field of a dotted key (``train.max_steps``, ``recipe.reference.lr``): its
+    ``default`` and its ``metadata["doc"]`` and ``metadata["check"]``. ``KeyError`` if unknown."""
+    schema: type = Config
+    *branches, leaf = key.split(".")
+    prefix = ""
+    for name in branches:
+        prefix = _join(prefix, name)
+        sub = _dataclass_of(_hints(schema).get(name), prefix, recipe)
+        if sub is None:
+            raise KeyError(key)
+        schema = sub
+    for f in dataclasses.fields(schema):
+        if f.name == leaf:
+            return f
+    raise KeyError(key)
+
+
+def doc(key: str, recipe: str = "bert") -> str:
+    """The one-line doc of a dotted key."""
+    return str(schema_field(key, recipe).metadata.get("doc", ""))
+
+
+def check_of(key: str, recipe: str = "bert") -> Check | None:
+    """The range check ``(predicate, allowed)`` of a dotted key, or ``None``."""
+    check: Check | None = schema_field(key, recipe).metadata.get("check")
+    return check
+
+
+# ---------------------------------------------------------------------------------------
+# Schema. conf/*.yaml carries the values and their sources.
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class Anchor:
     """A published (global batch -> lr, warmup) point that wins over the scaling rule."""
 
-    global_batch: int
-    lr: float
-    warmup_steps: int | None = None
-    source: str = ""
+    global_batch: int = field(metadata=about("the global batch the point was published at"))
+    lr: float = field(metadata=about("the published lr at that batch"))
+    warmup_steps: int | None = setting(None, "the published warmup at that batch (null: the planner's)")
+    source: str = setting("", "where the point was published")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class Reference:
-    """The recipe's published hyper-parameters: what the planner scales from."""
+    """The recipe's published hyper-parameters: what the planner scales from (frozen: the planner's input)."""
 
-    global_batch: int
-    lr: float
-    warmup_steps: int = 0
-    max_steps: int
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    weight_decay: float = 0.0
-    lr_rule: Literal["linear", "sqrt", "none"] = "linear"  # used when planner.lr_rule=auto
-    schedule: Literal["linear", "cosine", "step", "constant"] = "linear"
-    milestones: list[float] = field(default_factory=list)  # fractions of max_steps (step)
-    devices: int = 8  # devices the published run used (for batch.scale_with_world)
-    large_batch_optimizer: Literal["lars", "lamb"] | None = None
-    large_batch_threshold: int | None = None  # global batch at or above which it is used
-    uses_batchnorm: bool = False
-    norm_policy: Literal["sync_bn", "group_norm", "frozen_bn"] = "sync_bn"
-    anchors: list[Anchor] = field(default_factory=list)
-    epochs: float | None = None  # set: steps keep the reference's epochs on the dataset at hand
-    source: str = ""
+    global_batch: int = field(metadata=about("global batch of the published run", AT_LEAST_1))
+    lr: float = field(metadata=about("lr of the published run at its global batch", POSITIVE))
+    warmup_steps: int = setting(0, "warmup steps of the published run", NON_NEGATIVE)
+    max_steps: int = field(metadata=about("optimizer steps of the published run", AT_LEAST_1))
+    optimizer: Literal["sgd", "adamw"] = setting("sgd", "the published optimizer")
+    weight_decay: float = setting(0.0, "the published weight decay", NON_NEGATIVE)
+    lr_rule: Literal["linear", "sqrt", "none"] = setting("linear", "lr scaling rule (planner.lr_rule=auto)")
+    schedule: Literal["linear", "cosine", "step", "constant"] = setting("linear", "lr schedule after warmup")
+    milestones: tuple[float, ...] = setting((), "fractions of max_steps where lr drops x0.1 (schedule: step)")
+    devices: int = setting(8, "devices the published run used (for batch.scale_with_world)", AT_LEAST_1)
+    large_batch_optimizer: Literal["lars", "lamb"] | None = setting(None, "optimizer for a large global batch")
+    large_batch_threshold: int | None = setting(
+        None, "global batch at or above which large_batch_optimizer is used", AT_LEAST_1
+    )
+    uses_batchnorm: bool = setting(False, "the model has BatchNorm layers (the norm policy applies)")
+    norm_policy: Literal["sync_bn", "group_norm", "frozen_bn"] = setting(
+        "sync_bn", "norm used when the micro-batch is below planner.bn_min_group"
+    )
+    anchors: tuple[Anchor, ...] = setting((), "published points that win over the lr rule at their batch")
+    epochs: float | None = setting(None, "set: steps keep the reference's epochs on the dataset at hand", POSITIVE)
+    source: str = setting("", "the publication these numbers come from")
 
 
 @dataclass(kw_only=True)
 class BertModel:
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    dropout: float = 0.1
+    vocab_size: int = setting(30522, "WordPiece vocabulary trained locally")
+    hidden_size: int = setting(768, "hidden size (H)")
+    num_layers: int = setting(12, "layers (L)")
+    num_heads: int = setting(12, "attention heads (A)")
+    intermediate_size: int = setting(3072, "feed-forward width")
+    dropout: float = setting(0.1, "dropout of hidden states and attention", FRACTION)
 
 
 @dataclass(kw_only=True)
 class BertRecipe:
-    name: Literal["bert"] = "bert"
-    reference: Reference
-    model: BertModel = field(default_factory=BertModel)
-    seq_len: int = 512
-    mask_prob: float = 0.15
-    eval_fraction: float = 0.02  # share of sentence pairs held out for evaluation
-    corpus_max_mb: float = 200.0  # cap on text read from data.path (or the fallback corpus)
+    name: Literal["bert"] = setting("bert", "the recipe module")
+    reference: Reference = field(metadata=about("the published hyper-parameters"))
+    model: BertModel = section(BertModel, "the BertForPreTraining config")
+    seq_len: int = setting(512, "tokens per sentence pair", at_least(8))
+    mask_prob: float = setting(0.15, "share of tokens masked for the MLM loss", PROBABILITY)
+    eval_fraction: float = setting(0.02, "share of sentence pairs held out for evaluation", PROBABILITY)
+    corpus_max_mb: float = setting(200.0, "cap on text read from data.path (or the fallback corpus)", POSITIVE)
 
 
 @dataclass(kw_only=True)
 class Synthetic:
     """A small real image set drawn locally (shapes on noise) when ``data.path`` is null."""
 
-    classes: int = 0  # 0: no synthetic set; data.path is required
-    train_per_class: int = 64
-    val_per_class: int = 17
-    size: int = 64  # pixels per side
+    classes: int = setting(0, "0: no synthetic set; data.path is required", NON_NEGATIVE)
+    train_per_class: int = setting(64, "training images per class", AT_LEAST_1)
+    val_per_class: int = setting(17, "validation images per class", AT_LEAST_1)
+    size: int = setting(64, "pixels per side", at_least(16))
 
 
 @dataclass(kw_only=True)
 class ImagenetRecipe:
-    name: Literal["imagenet"] = "imagenet"
-    reference: Reference
-    model: str = "resnet50"  # any torchvision classification model name
-    num_classes: int | None = None  # null: the number of class folders under train/
-    train_crop: int = 224  # RandomResizedCrop size
-    eval_resize: int = 256  # shorter side before the center crop
-    eval_crop: int = 224
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0  # 0: off (torchvision v2 MixUp on training batches)
-    cutmix_alpha: float = 0.0  # 0: off
-    auto_augment: Literal["ta_wide"] | None = None  # TrivialAugmentWide
-    random_erase: float = 0.0  # probability
-    channels_last: bool = True  # on CUDA
-    compile: bool = False  # torch.compile the model on CUDA
-    bad_images: Literal["error", "skip"] = "error"  # an unreadable image stops the run, or is skipped
-    synthetic: Synthetic = field(default_factory=Synthetic)
+    name: Literal["imagenet"] = setting("imagenet", "the recipe module")
+    reference: Reference = field(metadata=about("the published hyper-parameters"))
+    model: str = setting("resnet50", "any torchvision classification model name")
+    num_classes: int | None = setting(
+        None, "null: the number of class folders under train/", (lambda v: v >= 2, "an integer >= 2")
+    )
+    train_crop: int = setting(224, "RandomResizedCrop size", AT_LEAST_1)
+    eval_resize: int = setting(256, "shorter side before the center crop", AT_LEAST_1)
+    eval_crop: int = setting(224, "center crop size", AT_LEAST_1)
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", FRACTION)
+    mixup_alpha: float = setting(0.0, "0: off (torchvision v2 MixUp on training batches)", NON_NEGATIVE)
+    cutmix_alpha: float = setting(0.0, "0: off", NON_NEGATIVE)
+    auto_augment: Literal["ta_wide"] | None = setting(None, "ta_wide: TrivialAugmentWide")
+    random_erase: float = setting(0.0, "probability of RandomErasing", FRACTION)
+    channels_last: bool = setting(True, "channels-last memory format on CUDA")
+    compile: bool = setting(False, "torch.compile the model on CUDA")
+    bad_images: Literal["error", "skip"] = setting("error", "an unreadable image stops the run, or is skipped")
+    synthetic: Synthetic = section(Synthetic, "the drawn set used when data.path is null")
 
 
 @dataclass(kw_only=True)
 class SyntheticCoco:
     """A small real COCO-format set drawn locally (shapes with boxes and masks) when ``data.path`` is null."""
 
-    classes: int = 0  # 0: no synthetic set; data.path is required
-    train_images: int = 64
-    val_images: int = 16
-    size: int = 128  # pixels per side
+    classes: int = setting(0, "0: no synthetic set; data.path is required", NON_NEGATIVE)
+    train_images: int = setting(64, "training images", AT_LEAST_1)
+    val_images: int = setting(16, "validation images", AT_LEAST_1)
+    size: int = setting(128, "pixels per side", at_least(16))
 
 
 @dataclass(kw_only=True)
 class CocoRecipe:
-    name: Literal["coco"] = "coco"
-    reference: Reference
-    model: Literal["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn"] = "maskrcnn_resnet50_fpn"
-    trainable_backbone_layers: int = 3  # of 5; detectron2 freezes the stem and res2
-    min_size: int = 800  # shorter side after resizing (detectron2 / torchvision)
-    max_size: int = 1333
-    train_split: str = "train2017"  # annotations/instances_<split>.json and the image folder <split>/
-    val_split: str = "val2017"
-    keep_empty: bool = False  # keep training images without annotations (detectron2 drops them)
-    synthetic: SyntheticCoco = field(default_factory=SyntheticCoco)
+    name: Literal["coco"] = setting("coco", "the recipe module")
+    reference: Reference = field(metadata=about("the published hyper-parameters"))
+    model: Literal["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn"] = setting(
+        "maskrcnn_resnet50_fpn", "the torchvision detection model"
+    )
+    trainable_backbone_layers: int = setting(
+        3, "of 5; detectron2 freezes the stem and res2", (lambda v: 0 <= v <= 5, "an integer in [0, 5]")
+    )
+    min_size: int = setting(800, "shorter side after resizing (detectron2 / torchvision)", AT_LEAST_1)
+    max_size: int = setting(1333, "longer side cap after resizing", AT_LEAST_1)
+    train_split: str = setting("train2017", "annotations/instances_<split>.json and the image folder <split>/")
+    val_split: str = setting("val2017", "the split evaluated with COCOeval")
+    keep_empty: bool = setting(False, "keep training images without annotations (detectron2 drops them)")
+    synthetic: SyntheticCoco = section(SyntheticCoco, "the drawn set used when data.path is null")
 
 
 RecipeConfig = BertRecipe | ImagenetRecipe | CocoRecipe
@@ -137,199 +220,144 @@ RECIPE_SCHEMAS: dict[str, type] = {"bert": BertRecipe, "imagenet": ImagenetRecip
 
 @dataclass(kw_only=True)
 class Run:
-    name: str | None = None  # MLflow run name; the same name again continues that run from its last checkpoint
-    resume: bool = True  # false: a run.name that exists starts over as a new run
-    job_id: str | None = None  # action=status|logs|stop: the Ray job (else the newest job of run.name)
-    seed: int = 0
-    output_dir: str = "outputs"  # checkpoints and Ray storage, relative to the cwd
+    name: str | None = setting(None, "MLflow run name; the same name again continues that run from its last checkpoint")
+    resume: bool = setting(True, "false: a run.name that exists starts over as a new run")
+    job_id: str | None = setting(None, "action=status|logs|stop: the Ray job (else the newest job of run.name)")
+    seed: int = setting(0, "seed of every random generator")
+    output_dir: str = setting("outputs", "checkpoints and Ray storage, relative to the cwd")
 
 
 @dataclass(kw_only=True)
 class Data:
-    path: str | None = None  # dataset root; null: the recipe makes or finds local data
-    num_workers: int = 2  # DataLoader worker processes per training worker
+    path: str | None = setting(None, "dataset root; null: the recipe makes or finds local data")
+    num_workers: int = setting(2, "DataLoader worker processes per training worker", NON_NEGATIVE)
 
 
 @dataclass(kw_only=True)
 class Train:
-    max_steps: int | None = None  # optimizer steps; null: planned from the reference
-    max_epochs: float | None = None  # alternative to max_steps
-    warmup_steps: int | None = None  # null: planned from the reference
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    eval_every: int = 0  # steps; 0 = only at the end
-    eval_batches: int = 20  # micro-batches per rank per evaluation (0 = whole split)
-    grad_clip: float | None = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
-    ema_decay: float | None = None  # a number: keep an EMA of the weights (and BN stats), evaluated as eval_ema_*
-    measure_noise_scale: bool = False  # log the gradient noise scale (critical batch) while training; needs 2+ workers
+    max_steps: int | None = setting(None, "optimizer steps; null: planned from the reference", AT_LEAST_1)
+    max_epochs: float | None = setting(None, "alternative to max_steps", POSITIVE)
+    warmup_steps: int | None = setting(None, "null: planned from the reference", NON_NEGATIVE)
+    log_every: int = setting(10, "steps between logged metrics", AT_LEAST_1)
+    checkpoint_every: int = setting(0, "steps; 0 = only at the end", NON_NEGATIVE)
+    eval_every: int = setting(0, "steps; 0 = only at the end", NON_NEGATIVE)
+    eval_batches: int = setting(20, "micro-batches per rank per evaluation (0 = whole split)", NON_NEGATIVE)
+    grad_clip: float | None = setting(1.0, "max gradient norm; null: no clipping", POSITIVE)
+    precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto: bf16 autocast on CUDA")
+    ema_decay: float | None = setting(
+        None, "a number: keep an EMA of the weights (and BN stats), evaluated as eval_ema_*", FRACTION
+    )
+    measure_noise_scale: bool = setting(
+        False, "log the gradient noise scale (critical batch) while training; needs 2+ workers"
+    )
 
 
 @dataclass(kw_only=True)
 class Batch:
-    global_batch: int | Literal["auto_noise_scale"] | None = None  # null: the reference's; see docs/batch-size.md
-    micro_batch: int | Literal["auto"] = "auto"  # a number pins it; auto plans it
-    scale_with_world: bool = False
+    global_batch: int | Literal["auto_noise_scale"] | None = setting(
+        None,
+        "null: the reference's; see docs/batch-size.md",
+        (lambda v: v == "auto_noise_scale" or v >= 1, "an integer >= 1"),
+    )
+    micro_batch: int | Literal["auto"] = setting("auto", "a number pins it; auto plans it", AT_LEAST_1)
+    scale_with_world: bool = setting(False, "true: the global batch grows with the world (detectron2)")
 
 
 @dataclass(kw_only=True)
 class Optim:
-    lr: float | None = None  # a number pins the lr; null: planned
-    weight_decay: float | None = None  # null: the reference's
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9
-    nesterov: bool = False  # SGD / LARS
+    lr: float | None = setting(None, "a number pins the lr; null: planned", POSITIVE)
+    weight_decay: float | None = setting(None, "null: the reference's", NON_NEGATIVE)
+    betas: list[float] = setting([0.9, 0.999], "Adam / LAMB betas", (_two_betas, "two numbers in [0, 1)"))
+    momentum: float = setting(0.9, "SGD / LARS momentum", (lambda v: 0 <= v < 1, "a number in [0, 1)"))
+    nesterov: bool = setting(False, "Nesterov momentum (SGD / LARS)")
 
 
 @dataclass(kw_only=True)
 class Memory:
-    model_gb: float | None = None  # params + grads + optimizer state per device
-    per_sample_gb: float | None = None  # activation memory per sample
+    model_gb: float | None = setting(None, "params + grads + optimizer state per device", POSITIVE)
+    per_sample_gb: float | None = setting(None, "activation memory per sample", POSITIVE)
 
 
 @dataclass(kw_only=True)
 class Planner:
-    headroom: float = 0.1  # fraction of device memory kept free
-    power_of_two: bool = False
-    lr_rule: Literal["linear", "sqrt", "none", "auto"] = "auto"
-    bn_min_group: int = 32  # samples per BatchNorm statistics group below which norm changes
-    advise: bool = False  # compare the global batch with the last measured noise scale of this recipe
-    memory: Memory = field(default_factory=Memory)
+    headroom: float = setting(0.1, "fraction of device memory kept free", FRACTION)
+    power_of_two: bool = setting(False, "only powers of two as micro-batch")
+    lr_rule: Literal["linear", "sqrt", "none", "auto"] = setting("auto", "auto: the recipe's rule")
+    bn_min_group: int = setting(32, "samples per BatchNorm statistics group below which norm changes", AT_LEAST_1)
+    advise: bool = setting(False, "compare the global batch with the last measured noise scale of this recipe")
+    memory: Memory = section(Memory, "override the memory profile")
 
 
 @dataclass(kw_only=True)
 class LrFind:
     """``action=lr_find``: Smith's exponential LR sweep at the planned batch."""
 
-    min_lr: float = 1e-7
-    max_lr: float = 10.0
-    steps: int = 100  # optimizer steps at most (it stops when the loss diverges)
-    diverge: float = 4.0  # stop when the smoothed loss exceeds this many times its minimum
+    min_lr: float = setting(1e-7, "first lr of the sweep", POSITIVE)
+    max_lr: float = setting(10.0, "last lr of the sweep", POSITIVE)
+    steps: int = setting(100, "optimizer steps at most (it stops when the loss diverges)", at_least(10))
+    diverge: float = setting(
+        4.0, "stop when the smoothed loss exceeds this many times its minimum", (lambda v: v > 1, "a number > 1")
+    )
 
 
 @dataclass(kw_only=True)
 class PlanOutput:
-    format: Literal["table", "json"] = "table"
+    format: Literal["table", "json"] = setting("table", "how action=plan prints the plan")
 
 
 @dataclass(kw_only=True)
 class Cluster:
-    kind: Literal["local", "ray"] = "local"  # local: an embedded Ray; ray: an existing Ray cluster
-    address: str | None = None  # ray: the cluster (null: $RAY_ADDRESS, else auto); submit: its job API too
-    storage_path: str | None = None  # ray: checkpoints, shared by all nodes (absolute path or URI); required
-    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
-    nodes: int = 1
-    gpus_per_node: int | None = None  # null: detected (0 without GPUs)
-    gpu_memory_gb: float | None = None  # null: detected
-    num_workers: int | None = None  # null: nodes x GPUs, or 2 CPU workers without GPUs
-    use_gpu: bool | Literal["auto"] = "auto"
-    cpus_per_worker: int = 1
+    kind: Literal["local", "ray"] = setting("local", "local: an embedded Ray; ray: an existing Ray cluster")
+    address: str | None = setting(None, "ray: the cluster (null: $RAY_ADDRESS, else auto); submit: its job API too")
+    storage_path: str | None = setting(None, "ray: checkpoints, shared by all nodes (absolute path or URI); required")
+    max_failures: int = setting(
+        0,
+        "worker-group restarts from the latest checkpoint before the run fails",
+        (lambda v: v >= -1, "an integer >= 0, or -1 for no limit"),
+    )
+    nodes: int = setting(1, "nodes (used when gpus_per_node describes hardware)", AT_LEAST_1)
+    gpus_per_node: int | None = setting(None, "null: detected (0 without GPUs)", NON_NEGATIVE)
+    gpu_memory_gb: float | None = setting(None, "null: detected", POSITIVE)
+    num_workers: int | None = setting(None, "null: nodes x GPUs, or 2 CPU workers without GPUs", AT_LEAST_1)
+    use_gpu: bool | Literal["auto"] = setting("auto", "auto: GPUs when there are any")
+    cpus_per_worker: int = setting(1, "CPUs Ray reserves per training worker", AT_LEAST_1)
 
 
 @dataclass(kw_only=True)
 class Engine:
-    name: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int | Literal["auto"] = "auto"
+    name: Literal["ddp", "deepspeed"] = setting("ddp", "how the workers train the model")
+    zero_stage: int | Literal["auto"] = setting(
+        "auto",
+        "deepspeed: auto picks the lowest fitting stage",
+        (lambda v: v in ("auto", 0, 1, 2, 3), "0, 1, 2, 3 or auto"),
+    )
 
 
 @dataclass(kw_only=True)
 class Tracking:
-    uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
-    experiment: str = "launcher"
-    required: bool = True  # false: an unreachable server at launch falls back to a local store
+    uri: str | None = setting(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd")
+    experiment: str = setting("launcher", "the MLflow experiment")
+    required: bool = setting(True, "false: an unreachable server at launch falls back to a local store")
 
 
 @dataclass(kw_only=True)
 class Config:
-    action: Literal["train", "plan", "lr_find", "submit", "status", "logs", "stop"] = "train"
-    choices: dict[str, str] = field(default_factory=dict)  # Hydra group choices (filled in)
-    run: Run = field(default_factory=Run)
-    data: Data = field(default_factory=Data)
-    train: Train = field(default_factory=Train)
-    batch: Batch = field(default_factory=Batch)
-    optim: Optim = field(default_factory=Optim)
-    planner: Planner = field(default_factory=Planner)
-    plan: PlanOutput = field(default_factory=PlanOutput)
-    lr_find: LrFind = field(default_factory=LrFind)
-    cluster: Cluster = field(default_factory=Cluster)
-    engine: Engine = field(default_factory=Engine)
-    tracking: Tracking = field(default_factory=Tracking)
-    recipe: RecipeConfig
-
-
-# ---------------------------------------------------------------------------------------
-# Range checks: (key, predicate, what is allowed). Applied after types are right.
-# ---------------------------------------------------------------------------------------
-
-_POSITIVE = (lambda v: v is None or v > 0, "a number > 0")
-_AT_LEAST_1 = (lambda v: v is None or v == "auto" or v >= 1, "an integer >= 1")
-_NON_NEGATIVE = (lambda v: v is None or v >= 0, "a number >= 0")
-_FRACTION = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-_PROBABILITY = (lambda v: 0 < v < 1, "a probability in (0, 1)")
-
-RANGES: dict[str, tuple[Any, str]] = {
-    "train.max_steps": _AT_LEAST_1,
-    "train.max_epochs": _POSITIVE,
-    "train.warmup_steps": _NON_NEGATIVE,
-    "train.log_every": _AT_LEAST_1,
-    "train.checkpoint_every": _NON_NEGATIVE,
-    "train.eval_every": _NON_NEGATIVE,
-    "train.eval_batches": _NON_NEGATIVE,
-    "train.grad_clip": _POSITIVE,
-    "train.ema_decay": _FRACTION,
-    "batch.global_batch": (lambda v: v is None or v == "auto_noise_scale" or v >= 1, "an integer >= 1"),
-    "lr_find.min_lr": _POSITIVE,
-    "lr_find.max_lr": _POSITIVE,
-    "lr_find.steps": (lambda v: v >= 10, "an integer >= 10"),
-    "lr_find.diverge": (lambda v: v > 1, "a number > 1"),
-    "batch.micro_batch": _AT_LEAST_1,
-    "optim.lr": _POSITIVE,
-    "optim.weight_decay": _NON_NEGATIVE,
-    "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "planner.headroom": _FRACTION,
-    "planner.bn_min_group": _AT_LEAST_1,
-    "planner.memory.model_gb": _POSITIVE,
-    "planner.memory.per_sample_gb": _POSITIVE,
-    "cluster.nodes": _AT_LEAST_1,
-    "cluster.gpus_per_node": _NON_NEGATIVE,
-    "cluster.gpu_memory_gb": _POSITIVE,
-    "cluster.num_workers": _AT_LEAST_1,
-    "cluster.cpus_per_worker": _AT_LEAST_1,
-    "cluster.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 for no limit"),
-    "engine.zero_stage": (lambda v: v == "auto" or v in (0, 1, 2, 3), "0, 1, 2, 3 or auto"),
-    "data.num_workers": _NON_NEGATIVE,
-    "recipe.reference.global_batch": _AT_LEAST_1,
-    "recipe.reference.lr": _POSITIVE,
-    "recipe.reference.max_steps": _AT_LEAST_1,
-    "recipe.reference.warmup_steps": _NON_NEGATIVE,
-    "recipe.reference.weight_decay": _NON_NEGATIVE,
-    "recipe.reference.devices": _AT_LEAST_1,
-    "recipe.reference.large_batch_threshold": _AT_LEAST_1,
-    "recipe.reference.epochs": _POSITIVE,
-    "recipe.seq_len": (lambda v: v >= 8, "an integer >= 8"),
-    "recipe.mask_prob": _PROBABILITY,
-    "recipe.eval_fraction": _PROBABILITY,
-    "recipe.corpus_max_mb": _POSITIVE,
-    "recipe.model.dropout": _FRACTION,
-    "recipe.num_classes": (lambda v: v is None or v >= 2, "an integer >= 2"),
-    "recipe.train_crop": _AT_LEAST_1,
-    "recipe.eval_resize": _AT_LEAST_1,
-    "recipe.eval_crop": _AT_LEAST_1,
-    "recipe.label_smoothing": _FRACTION,
-    "recipe.mixup_alpha": _NON_NEGATIVE,
-    "recipe.cutmix_alpha": _NON_NEGATIVE,
-    "recipe.random_erase": _FRACTION,
-    "recipe.synthetic.classes": _NON_NEGATIVE,
-    "recipe.synthetic.train_per_class": _AT_LEAST_1,
-    "recipe.synthetic.val_per_class": _AT_LEAST_1,
-    "recipe.synthetic.size": (lambda v: v >= 16, "an integer >= 16"),
-    "recipe.synthetic.train_images": _AT_LEAST_1,
-    "recipe.synthetic.val_images": _AT_LEAST_1,
-    "recipe.trainable_backbone_layers": (lambda v: 0 <= v <= 5, "an integer in [0, 5]"),
-    "recipe.min_size": _AT_LEAST_1,
-    "recipe.max_size": _AT_LEAST_1,
-}
+    action: Literal["train", "plan", "lr_find", "submit", "status", "logs", "stop"] = setting(
+        "train", "what to do with the task"
+    )
+    choices: dict[str, str] = field(default_factory=dict, metadata=about("Hydra group choices (filled in)"))
+    run: Run = section(Run, "the MLflow run and its outputs")
+    data: Data = section(Data, "where the data comes from")
+    train: Train = section(Train, "the training loop")
+    batch: Batch = section(Batch, "global and micro-batch")
+    optim: Optim = section(Optim, "optimizer overrides")
+    planner: Planner = section(Planner, "the planner's knobs")
+    plan: PlanOutput = section(PlanOutput, "action=plan output")
+    lr_find: LrFind = section(LrFind, "action=lr_find")
+    cluster: Cluster = section(Cluster, "where the workers run")
+    engine: Engine = section(Engine, "DDP or DeepSpeed")
+    tracking: Tracking = section(Tracking, "MLflow")
+    recipe: RecipeConfig = field(metadata=about("the task: model, data and reference hyper-parameters"))
 
 
 class ConfigError(ValueError):
@@ -411,8 +439,17 @@ def _cross_checks(cfg: Config) -> list[str]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain dict of a config (what crosses process boundaries)."""
-    return dataclasses.asdict(cfg)
+    """A plain dict of a config (what crosses process boundaries): tuples become lists, as in YAML/JSON."""
+    plain: dict[str, Any] = _plain(dataclasses.asdict(cfg))
+    return plain
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _recipe_name(raw: dict[str, Any]) -> str:
@@ -462,7 +499,7 @@ def _build(schema: type, raw: Any, prefix: str, errors: list[str], recipe: str) 
         if sub is not None:
             values[f.name] = _build(sub, raw[f.name], full + ".", errors, recipe)
         else:
-            values[f.name] = _check_value(tp, raw[f.name], full, errors, recipe)
+            values[f.name] = _check_value(tp, raw[f.name], full, errors, recipe, f.metadata.get("check"))
     if any(e.startswith(prefix) for e in errors) and prefix:
         return None
     try:
@@ -479,12 +516,12 @@ def _carries_target(value: Any) -> bool:
     return False
 
 
-def _check_value(tp: Any, value: Any, key: str, errors: list[str], recipe: str) -> Any:
+def _check_value(tp: Any, value: Any, key: str, errors: list[str], recipe: str, check: Check | None) -> Any:
+    """The value converted to its type, then held to the field's range check."""
     ok, converted = _matches(tp, value, key, errors, recipe)
     if not ok:
         errors.append(f"{key}: got {value!r}, expected {_describe(tp)}")
         return value
-    check = RANGES.get(key)
     if check is not None and converted is not None:
         predicate, allowed = check
         try:
@@ -519,23 +556,30 @@ def _matches(tp: Any, value: Any, key: str, errors: list[str], recipe: str) -> t
         return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        (item,) = typing.get_args(tp)
-        sub = _dataclass_of(item, key, recipe)
-        if sub is not None:
-            return True, [_build(sub, v, f"{key}[{i}].", errors, recipe) for i, v in enumerate(value)]
-        out = []
-        for v in value:
-            ok, conv = _matches(item, v, key, errors, recipe)
-            if not ok:
-                return False, value
-            out.append(conv)
-        return True, out
+    if origin is list or origin is tuple:  # a tuple field (frozen Reference) reads a YAML list too
+        return _matches_items(tp, value, key, errors, recipe)
     if origin is dict:
         return isinstance(value, dict), value
     raise TypeError(f"schema type {tp!r} at {key} is not supported by the validator")
+
+
+def _matches_items(tp: Any, value: Any, key: str, errors: list[str], recipe: str) -> tuple[bool, Any]:
+    """``list[X]`` (a list) or ``tuple[X, ...]`` (a list or a tuple), item by item."""
+    is_tuple = typing.get_origin(tp) is tuple
+    if not isinstance(value, list) and not (is_tuple and isinstance(value, tuple)):
+        return False, value
+    item = typing.get_args(tp)[0]
+    sub = _dataclass_of(item, key, recipe)
+    out = []
+    for i, v in enumerate(value):
+        if sub is not None:
+            out.append(_build(sub, v, f"{key}[{i}].", errors, recipe))
+            continue
+        ok, conv = _matches(item, v, key, errors, recipe)
+        if not ok:
+            return False, value
+        out.append(conv)
+    return True, tuple(out) if is_tuple else out
 
 
 def _describe(tp: Any) -> str:
@@ -546,7 +590,7 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if origin is list:
+    if origin is list or origin is tuple:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp))

@@ -31,6 +31,11 @@ class Data:
     eval_collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None  # None: ``collate``
 
 
+def size(dataset: Dataset) -> int:
+    """The number of samples of a map-style dataset (``Dataset`` itself does not declare ``__len__``)."""
+    return len(dataset)  # type: ignore[arg-type]
+
+
 def built_once(parent: Path, name: str, key: list[Any], build: Callable[[Path], None]) -> Path:
     """``parent/<name>-<hash of key>``, filled by ``build`` once per key.
 

@@ -7,7 +7,7 @@ top-level keys itself, because ``DeepSpeedConfig`` accepts unknown top-level key
 
 Inside the workers, ``wrap`` puts the model and the launcher's optimizer into a DeepSpeed
 engine (ZeRO 1 or 2) on Ray Train's process group; the loop then drives it
-(``launcher/loop.py: deepspeed_step``) and checkpoints its optimizer shards.
+(``launcher/step.py: DeepSpeedStep``) and checkpoints its optimizer shards (``ZeroShard``).
 """
 
 from __future__ import annotations
@@ -87,24 +87,22 @@ def wrap(model: Any, optimizer: Any, config: dict[str, Any]) -> tuple[Any, Any]:
     return engine, zero_optimizer
 
 
-def save_shard(zero_optimizer: Any, path: Any) -> None:
-    """This rank's ZeRO optimizer partition, written atomically (temporary name, then rename)."""
-    import torch
+class ZeroShard:
+    """This rank's ZeRO optimizer partition as a Stateful part (checkpointed per rank, as ``zero``).
 
-    state = {k: v for k, v in zero_optimizer.state_dict().items() if k not in _LIVE_KEYS}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    It loads only on the world size it was saved on (``checkpoint.Checkpointer`` refuses others).
+    """
 
+    def __init__(self, zero_optimizer: Any, world: int) -> None:
+        self.zero, self.world = zero_optimizer, world
 
-def load_shard(zero_optimizer: Any, path: Any, world: int) -> None:
-    """Load this rank's partition (same world size as when it was saved) into the live optimizer."""
-    import torch
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.zero.state_dict().items() if k not in _LIVE_KEYS}
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    live = zero_optimizer.state_dict()
-    state.update({k: live[k] for k in _LIVE_KEYS if k in live})
-    zero_optimizer.load_state_dict([state] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        live = self.zero.state_dict()
+        state = {**state, **{k: live[k] for k in _LIVE_KEYS if k in live}}
+        self.zero.load_state_dict([state] * self.world, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 def _cuda() -> bool:

@@ -48,7 +48,7 @@ def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
     except ValueError as e:
         raise ConfigError([str(e)]) from None
     if p.deepspeed is not None:
-        _check_deepspeed(p)
+        p = _check_deepspeed(p)
     return p
 
 
@@ -70,18 +70,20 @@ def _noise_measurement(cfg: Config) -> tuple[float, str] | None:
         return None
 
 
-def _check_deepspeed(p: Plan) -> None:
+def _check_deepspeed(p: Plan) -> Plan:
+    """The plan with a reason saying whether DeepSpeed itself accepted its config (the plan is frozen)."""
     from launcher.engine import check_deepspeed_config
 
     assert p.deepspeed is not None
     try:
         errors = check_deepspeed_config(p.deepspeed, p.world_size)
     except ImportError:
-        p.reasons.append("DeepSpeed config NOT validated: deepspeed is not installed (pip install -e '.[deepspeed]')")
-        return
+        return p.with_reasons(
+            "DeepSpeed config NOT validated: deepspeed is not installed (pip install -e '.[deepspeed]')"
+        )
     if errors:
         raise ConfigError(errors)
-    p.reasons.append(f"DeepSpeed config validated by DeepSpeed's own DeepSpeedConfig for {p.world_size} ranks")
+    return p.with_reasons(f"DeepSpeed config validated by DeepSpeed's own DeepSpeedConfig for {p.world_size} ranks")
 
 
 def train(cfg: Config, timings: dict[str, float]) -> int:
@@ -104,23 +106,22 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
 
 
 def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage: str) -> int:
-    from launcher import cluster, control
+    """Data, plan and MLflow run on the driver; then Ray Train; the run's status from how it ended."""
+    from launcher.data import size
     from recipes import RECIPES
 
-    local = cfg.cluster.kind == "local"
     resume = _find_resume(cfg, uri, storage)
     # derived data (tokenizer, indexes): shared by the nodes when the storage is a shared path
-    cache = out / "cache" if local or "://" in storage else Path(storage) / "cache"
+    cache = out / "cache" if cfg.cluster.kind == "local" or "://" in storage else Path(storage) / "cache"
     data = RECIPES[cfg.recipe.name].build_data(cfg, cache)  # bad data fails here, before training starts
     timings["data_done_at"] = time.time()
-
     if resume is not None and resume.plan is not None:  # the sample position needs the same global batch
         cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
-    p = build_plan(cfg, len(data.train))
+    p = build_plan(cfg, size(data.train))
     timings["plan_done_at"] = time.time()
     _refuse_unsupported(cfg, p, resume)
     if resume is not None:
-        p.reasons.append(resume.explain(p))
+        p = p.with_notes(resume.explain(p))
     print(describe(p), flush=True)
     if resume is not None and resume.step >= p.max_steps:
         print(
@@ -129,26 +130,24 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
             flush=True,
         )
         return 0
-
     name = run_name(cfg)
+    run_id = _open_run(cfg, uri, p, name, resume)
+    timings["tracking_done_at"] = time.time()
+    payload = {"run_id": run_id, "tracking_uri": uri, "cache_dir": str(cache),
+               "run_root": f"{storage.rstrip('/')}/{_run_dir(name, run_id)}"}  # the run's folder in the storage
+    return _launch(cfg, p, out, storage, name, timings, payload)
+
+
+def _open_run(cfg: Config, uri: str, p: Plan, name: str, resume: Resume | None) -> str:
+    """The MLflow run: a new one, or the resumed run reopened; its id."""
     try:
         if resume is not None:
+            reopen_run(uri, resume.run_id, p.to_dict(), resume.step)
             run_id = resume.run_id
-            reopen_run(uri, run_id, p.to_dict(), resume.step)
         else:
-            run_id = start_run(
-                uri,
-                cfg.tracking.experiment,
-                name,
-                to_dict(cfg),
-                p.to_dict(),
-                tags={
-                    "recipe": cfg.recipe.name,
-                    "scale": cfg.choices.get("scale", ""),
-                    "world_size": str(p.world_size),
-                    "action": cfg.action,
-                },
-            )
+            tags = {"recipe": cfg.recipe.name, "scale": cfg.choices.get("scale", ""),
+                    "world_size": str(p.world_size), "action": cfg.action}
+            run_id = start_run(uri, cfg.tracking.experiment, name, to_dict(cfg), p.to_dict(), tags=tags)
     except Exception as e:  # noqa: BLE001 - any tracking failure: say where and how to fix
         raise ConfigError(
             [
@@ -158,22 +157,24 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
         ) from None
     verb = f"continuing run {name}" if resume is not None else f"run {name}"
     print(f"mlflow: {verb} ({run_id}) in {mask(uri)}", flush=True)
-    timings["tracking_done_at"] = time.time()
+    return run_id
 
-    status, backlog = "FAILED", None
+
+def _launch(
+    cfg: Config, p: Plan, out: Path, storage: str, name: str, timings: dict[str, float], payload: dict[str, Any]
+) -> int:
+    """Ray (embedded or connected), the run's control actor, Ray Train; the MLflow run closed whatever happens."""
+    from launcher import cluster, control
+
+    local, run_id, uri = cfg.cluster.kind == "local", payload["run_id"], payload["tracking_uri"]
     run_dir = _run_dir(name, run_id)
+    status, backlog = "FAILED", None
     try:
         if local:
             cluster.start_local(p.world_size * cfg.cluster.cpus_per_worker)
             timings["ray_done_at"] = time.time()
         actor = control.create(run_id)
         with _graceful_stop(actor) as stop:  # after ray.init, which sets its own SIGTERM handler
-            payload = {
-                "run_id": run_id,
-                "tracking_uri": uri,
-                "cache_dir": str(cache),
-                "run_root": f"{storage.rstrip('/')}/{run_dir}",  # the run's folder in the storage
-            }
             result = _fit(cfg, p, storage, run_dir, timings, payload)
         backlog = _ray_get(actor.kept.remote())
         if result.error is not None:
@@ -238,12 +239,9 @@ def _refuse_unsupported(cfg: Config, p: Plan, resume: Resume | None) -> None:
     if resume is not None and resume.plan is not None and p.engine == "deepspeed":
         saved = resume.plan["world_size"]
         if resume.plan.get("engine") == "deepspeed" and saved != p.world_size:
-            raise ConfigError(
-                [
-                    f"cluster.num_workers: run {resume.name}'s ZeRO optimizer state is split over {saved} workers; "
-                    f"resume it with cluster.num_workers={saved} (engine=ddp runs re-plan for any world size)"
-                ]
-            )
+            from launcher.checkpoint import shard_world_refusal
+
+            raise ConfigError([f"{shard_world_refusal(saved, p.world_size)} (run {resume.name})"])
 
 
 def _ray_get(ref: Any) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.loop import Batch, all_sum, train_step
+from launcher.step import BackOff, Batch, DDPStep, StepScalars, all_sum
 
 SMOOTHING = 0.9  # EMA of the loss, bias-corrected: about the last 10 steps (fastai's 0.98 suits 100s of steps)
 
@@ -84,17 +84,17 @@ def range_test(
     tried: list[float] = []
     losses: list[float] = []
     best = math.inf
+    step = DDPStep(model, optimizer, count, StepScalars(), device=device, precision=precision, grad_clip=grad_clip)
     try:
         for i, lr in enumerate(schedule):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            result = train_step(
-                model, optimizer, next(batches), count, device=device, precision=precision, grad_clip=grad_clip
-            )
-            if result is None:
+            try:
+                result = step.attempt(next(batches))
+            except BackOff:
                 raise RuntimeError(
                     "out of memory during lr_find at the planned micro-batch; pin a smaller batch.micro_batch"
-                )
+                ) from None
             keys = sorted(result.sums)
             sums = all_sum(torch.stack([result.sums[k] for k in keys]))
             loss = float(sum(sums[j] / result.totals[k] for j, k in enumerate(keys)))

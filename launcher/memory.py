@@ -21,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def _with_note(est: MemoryProfile, note: str) -> MemoryProfile:
 
 def _probe_here(cfg: Config) -> dict[int, float | str]:
     """In the child: a few real optimizer steps per size on cuda:0; peak bytes, or "oom"."""
-    from launcher.loop import autocast
+    from launcher.step import autocast
     from recipes import RECIPES
 
     recipe = RECIPES[cfg.recipe.name]
@@ -237,14 +238,36 @@ def _write(cache: Path, profile: MemoryProfile) -> None:
     tmp.replace(cache)
 
 
+class SavedBytes:
+    """Bytes autograd saves for backward (a ``saved_tensors_hooks`` pack hook), each tensor once:
+    a ReLU output that the next layer also saves counts once; a view counts the bytes it spans;
+    parameters (``skip``) do not count."""
+
+    def __init__(self, skip: Iterable[torch.Tensor] = ()) -> None:
+        self.skip = {p.data_ptr() for p in skip}
+        self.seen: set[tuple[int, ...]] = set()
+        self.total = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:  # sparse or storage-less: no address to share
+            ptr = 0
+        if ptr and ptr in self.skip:
+            return t
+        key = (ptr, t.numel(), t.element_size()) if ptr else (id(t),)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += t.numel() * t.element_size()
+        return t
+
+
 def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float:
     """Bytes autograd saves for backward, per sample: (f(4) - f(2)) / 2, at least f(4) / 4.
 
-    Each saved tensor counted once (``loop.SavedBytes``): a ReLU output that the next layer also
+    Each saved tensor counted once (``SavedBytes``): a ReLU output that the next layer also
     saves is one tensor, not two.
     """
-    from launcher.loop import SavedBytes
-
     def saved_bytes(n: int) -> int:
         saved = SavedBytes(model.parameters())
         batch = recipe.example_batch(cfg, n)

@@ -19,10 +19,12 @@ The arithmetic, in one place:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from launcher.config import Config
+from launcher.config import Anchor as Anchor  # re-exported: the planner's input types are the config's
+from launcher.config import Config, schema_field
+from launcher.config import Reference as Reference
 
 EPS = 1e-9  # guards floor() against binary fractions: (8 - 1) / 0.07 is 99.99999999999999
 
@@ -35,59 +37,37 @@ class PlanError(ValueError):
         super().__init__("cannot plan:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-@dataclass(frozen=True, kw_only=True)
-class Anchor:
-    global_batch: int
-    lr: float
-    warmup_steps: int | None = None
-    source: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Reference:
-    """Published hyper-parameters of a recipe (see conf/recipe/*.yaml for sources)."""
-
-    global_batch: int
-    lr: float
-    warmup_steps: int
-    max_steps: int
-    optimizer: str  # sgd | adamw
-    weight_decay: float = 0.0
-    lr_rule: str = "linear"  # linear | sqrt | none
-    schedule: str = "linear"
-    milestones: tuple[float, ...] = ()
-    devices: int = 8
-    large_batch_optimizer: str | None = None  # lars | lamb
-    large_batch_threshold: int | None = None
-    uses_batchnorm: bool = False
-    norm_policy: str = "sync_bn"  # sync_bn | group_norm | frozen_bn
-    anchors: tuple[Anchor, ...] = ()
-    epochs: float | None = None  # the reference's epochs: with a dataset size, steps keep epochs (vision)
-    source: str = ""
+def _default(key: str) -> Any:
+    """A config key's default, read from the schema in launcher/config.py (never restated here)."""
+    return schema_field(key).default
 
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
+    """What the task asks for. Each field names its config key; a field with a config default
+    takes it from the schema (``request_from_config`` fills all of them from a config). ``None``
+    means "not pinned": the planner decides (``auto`` or ``null`` in the config)."""
+
     reference: Reference
-    global_batch: int | None = None  # batch.global_batch
+    global_batch: int | None = None  # batch.global_batch (None: the reference's)
     micro_batch: int | None = None  # batch.micro_batch (None = auto)
-    scale_with_world: bool = False  # batch.scale_with_world
-    lr: float | None = None  # optim.lr (pins)
-    lr_rule: str = "auto"  # planner.lr_rule
-    warmup_steps: int | None = None  # train.warmup_steps (pins)
-    max_steps: int | None = None  # train.max_steps (pins)
-    max_epochs: float | None = None  # train.max_epochs (needs dataset_size)
+    scale_with_world: bool = _default("batch.scale_with_world")
+    lr: float | None = _default("optim.lr")  # pins
+    lr_rule: str = _default("planner.lr_rule")
+    warmup_steps: int | None = _default("train.warmup_steps")  # pins
+    max_steps: int | None = _default("train.max_steps")  # pins
+    max_epochs: float | None = _default("train.max_epochs")  # needs dataset_size
     dataset_size: int | None = None  # training samples per epoch, when known
-    weight_decay: float | None = None  # optim.weight_decay
-    headroom: float = 0.1  # planner.headroom
-    power_of_two: bool = False  # planner.power_of_two
-    bn_min_group: int = 32  # planner.bn_min_group
-    engine: str = "ddp"  # engine.name
+    weight_decay: float | None = _default("optim.weight_decay")
+    headroom: float = _default("planner.headroom")
+    power_of_two: bool = _default("planner.power_of_two")
+    bn_min_group: int = _default("planner.bn_min_group")
+    engine: str = _default("engine.name")
     zero_stage: int | None = None  # engine.zero_stage (None = auto)
-    grad_clip: float | None = None  # train.grad_clip (for the DeepSpeed config)
-    precision: str = "auto"  # train.precision: auto (bf16 on CUDA) | fp32 | bf16
+    grad_clip: float | None = _default("train.grad_clip")  # for the DeepSpeed config
+    precision: str = _default("train.precision")  # auto (bf16 on CUDA) | fp32 | bf16
     auto_noise_scale: bool = False  # batch.global_batch=auto_noise_scale: the measured critical batch
-    advise: bool = False  # planner.advise
+    advise: bool = _default("planner.advise")
     noise_scale: float | None = None  # the last measured B_simple of this recipe (MLflow), if any
     noise_source: str = ""  # where it was measured (run, step)
 
@@ -132,8 +112,10 @@ class MemoryProfile:
         )
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
+    """The planner's answer, frozen: a later note makes a new plan (``with_reasons``, ``with_notes``)."""
+
     world_size: int
     device: str  # cuda | cpu: what the workers train on
     micro_batch: int
@@ -153,15 +135,35 @@ class Plan:
     zero_stage: int
     engine: str
     memory: dict[str, Any]
-    reasons: list[str] = field(default_factory=list)
+    reasons: tuple[str, ...] = ()  # one per decision, in the order the rules ran
     deepspeed: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()  # added by the driver after planning (a resume); printed after the reasons
+
+    def with_reasons(self, *reasons: str) -> Plan:
+        """This plan with more reasons (e.g. the DeepSpeed config check)."""
+        return replace(self, reasons=(*self.reasons, *reasons))
+
+    def with_notes(self, *notes: str) -> Plan:
+        """This plan with more notes (e.g. what a resume keeps and changes)."""
+        return replace(self, notes=(*self.notes, *notes))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (lists, not tuples): what workers, MLflow and ``plan.format=json`` get."""
+        d = asdict(self)
+        d["reasons"], d["notes"] = list(self.reasons), list(self.notes)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        return cls(**d)
+        """The inverse of ``to_dict``, also after JSON; lists or tuples; no ``notes``: none."""
+        return cls(
+            **{
+                **d,
+                "milestones": list(d["milestones"]),
+                "reasons": tuple(d.get("reasons", ())),
+                "notes": tuple(d.get("notes", ())),
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,9 +173,8 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     """Plan a task on hardware; every number in the result has a reason."""
     _check_inputs(req, hw, mem)
     ref = req.reference
-    reasons: list[str] = []
     world = hw.world_size
-    reasons.append(f"world size {world} = {hw.nodes} node(s) x {hw.devices_per_node} {hw.device} device(s)")
+    reasons = [f"world size {world} = {hw.nodes} node(s) x {hw.devices_per_node} {hw.device} device(s)"]
 
     target = _target_global(req, world, reasons)
     zero = _zero_stage(req, hw, mem, reasons)
@@ -183,22 +184,13 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     micro, accum = _split(req, target, world, max_micro, reasons)
     global_batch = micro * accum * world
     lr, rule = _lr(req, global_batch, reasons)
-    max_steps, warmup = _steps(req, global_batch, lr, rule, reasons)
+    max_steps = _max_steps(req, global_batch, reasons)
+    warmup = _warmup(req, global_batch, max_steps, lr, rule, reasons)
     optimizer = _optimizer(req, global_batch, reasons)
     norm = _norm(req, micro, world, hw.device, reasons)
-    if req.noise_scale is not None:
-        reasons.append(f"advice: {advice(global_batch, req.noise_scale)} (measured in {req.noise_source})")
-    elif req.advise:
-        reasons.append(
-            "advice: no noise-scale measurement of this recipe and scale yet; "
-            "train once with train.measure_noise_scale=true to measure the critical batch"
-        )
-    weight_decay = ref.weight_decay if req.weight_decay is None else req.weight_decay
-    milestones = [max(1, round(f * max_steps)) for f in ref.milestones]
-    if ref.schedule == "step" and milestones:
-        reasons.append(f"lr steps x0.1 at {milestones} (reference fractions {list(ref.milestones)} of max_steps)")
-
-    p = Plan(
+    _advice(req, global_batch, reasons)
+    milestones = _milestones(req, max_steps, reasons)
+    return Plan(
         world_size=world,
         device=hw.device,
         micro_batch=micro,
@@ -213,25 +205,14 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
         schedule=ref.schedule,
         milestones=milestones,
         optimizer=optimizer,
-        weight_decay=weight_decay,
+        weight_decay=_weight_decay(req),
         norm=norm,
         zero_stage=zero,
         engine=req.engine,
-        memory={
-            "source": mem.source,
-            "detail": mem.detail,
-            "device_memory_gb": hw.device_memory_gb,
-            "usable_gb": round(usable, 4),
-            "model_gb": round(mem.model_gb, 4),
-            "model_state_per_device_gb": round(state_gb, 4),
-            "per_sample_gb": mem.per_sample_gb,
-            "headroom": req.headroom,
-        },
-        reasons=reasons,
+        memory=_memory_record(req, hw, mem, usable, state_gb),
+        reasons=tuple(reasons),
+        deepspeed=_deepspeed(req, hw, global_batch, micro, accum, zero) if req.engine == "deepspeed" else None,
     )
-    if req.engine == "deepspeed":
-        p.deepspeed = deepspeed_config(p, req, hw)
-    return p
 
 
 def advice(global_batch: int, noise_scale: float) -> str:
@@ -260,11 +241,15 @@ def advice(global_batch: int, noise_scale: float) -> str:
 
 def deepspeed_config(p: Plan, req: Request, hw: Hardware) -> dict[str, Any]:
     """The DeepSpeed config implied by a plan: batch sizes are the plan's, never re-typed."""
+    return _deepspeed(req, hw, p.global_batch, p.micro_batch, p.grad_accum, p.zero_stage)
+
+
+def _deepspeed(req: Request, hw: Hardware, global_batch: int, micro: int, accum: int, zero: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "train_batch_size": p.global_batch,
-        "train_micro_batch_size_per_gpu": p.micro_batch,
-        "gradient_accumulation_steps": p.grad_accum,
-        "zero_optimization": {"stage": p.zero_stage},
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": {"stage": zero},
         "bf16": {"enabled": req.precision == "bf16" or (req.precision == "auto" and hw.device == "cuda")},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -272,6 +257,20 @@ def deepspeed_config(p: Plan, req: Request, hw: Hardware) -> dict[str, Any]:
     if req.grad_clip:
         cfg["gradient_clipping"] = req.grad_clip
     return cfg
+
+
+def _memory_record(req: Request, hw: Hardware, mem: MemoryProfile, usable: float, state_gb: float) -> dict[str, Any]:
+    """``Plan.memory``: where the profile came from and what the bound was computed from."""
+    return {
+        "source": mem.source,
+        "detail": mem.detail,
+        "device_memory_gb": hw.device_memory_gb,
+        "usable_gb": round(usable, 4),
+        "model_gb": round(mem.model_gb, 4),
+        "model_state_per_device_gb": round(state_gb, 4),
+        "per_sample_gb": mem.per_sample_gb,
+        "headroom": req.headroom,
+    }
 
 
 # --- the rules, each small and each appending its reason ------------------------------
@@ -474,35 +473,47 @@ def _lr(req: Request, global_batch: int, reasons: list[str]) -> tuple[float, str
     return lr, rule
 
 
-def _steps(req: Request, global_batch: int, lr: float, lr_rule: str, reasons: list[str]) -> tuple[int, int]:
+def _max_steps(req: Request, global_batch: int, reasons: list[str]) -> int:
+    """Pinned, else epochs on a known dataset (asked or the reference's), else the reference's samples."""
     ref = req.reference
-    k = ref.global_batch / global_batch
-    warmup_fraction = ref.warmup_steps / ref.max_steps
     if req.max_steps is not None:
-        max_steps = req.max_steps
-        reasons.append(f"max_steps {max_steps} pinned by train.max_steps")
-    elif req.max_epochs is not None and req.dataset_size:
+        reasons.append(f"max_steps {req.max_steps} pinned by train.max_steps")
+        return req.max_steps
+    if req.max_epochs is not None and req.dataset_size:
         max_steps = max(1, math.ceil(req.max_epochs * req.dataset_size / global_batch))
         reasons.append(
             f"max_steps {max_steps} = ceil({req.max_epochs:g} epochs x {req.dataset_size} samples / {global_batch})"
         )
-    elif ref.epochs is not None and req.dataset_size:
+        return max_steps
+    if ref.epochs is not None and req.dataset_size:
         max_steps = max(1, math.ceil(ref.epochs * req.dataset_size / global_batch))
         reasons.append(
             f"max_steps {max_steps} = ceil({ref.epochs:g} epochs (the reference's) x {req.dataset_size} samples / "
             f"{global_batch}): the reference's epochs stay the same on this dataset"
         )
-    else:
-        max_steps = max(1, math.ceil(ref.max_steps * k))
-        reasons.append(
-            f"max_steps {max_steps} = ceil({ref.max_steps} x {ref.global_batch}/{global_batch}): "
-            "the reference's samples seen stay the same"
-        )
-        if req.max_epochs is not None:
-            reasons.append("train.max_epochs needs the dataset size: action=train counts it before planning")
-    # steps on this dataset per step the reference's sample count would give (1 on the reference's data)
-    stretch = max_steps / max(1, math.ceil(ref.max_steps * k))
+        return max_steps
+    max_steps = _reference_steps(ref, global_batch)
+    reasons.append(
+        f"max_steps {max_steps} = ceil({ref.max_steps} x {ref.global_batch}/{global_batch}): "
+        "the reference's samples seen stay the same"
+    )
+    if req.max_epochs is not None:
+        reasons.append("train.max_epochs needs the dataset size: action=train counts it before planning")
+    return max_steps
 
+
+def _reference_steps(ref: Reference, global_batch: int) -> int:
+    """Steps that see the reference's samples at this global batch."""
+    return max(1, math.ceil(ref.max_steps * ref.global_batch / global_batch))
+
+
+def _warmup(req: Request, global_batch: int, max_steps: int, lr: float, lr_rule: str, reasons: list[str]) -> int:
+    """Pinned, the anchor's (with the anchor's lr), the reference's share or samples; added for a 2x lr."""
+    ref = req.reference
+    k = ref.global_batch / global_batch
+    warmup_fraction = ref.warmup_steps / ref.max_steps
+    # steps on this dataset per step the reference's sample count would give (1 on the reference's data)
+    stretch = max_steps / _reference_steps(ref, global_batch)
     anchor = next((a for a in ref.anchors if a.global_batch == global_batch and a.warmup_steps is not None), None)
     if lr_rule != "anchor":  # the anchor's warmup belongs with the anchor's lr, not another
         anchor = None
@@ -530,7 +541,7 @@ def _steps(req: Request, global_batch: int, lr: float, lr_rule: str, reasons: li
             f"warmup {warmup} steps added (5/90 of the run): the lr grew >= 2x over the reference, "
             "and large-batch training diverges without gradual warmup (Goyal et al. 2017: 5 of 90 epochs)"
         )
-    return max_steps, min(warmup, max_steps)
+    return min(warmup, max_steps)
 
 
 def _optimizer(req: Request, global_batch: int, reasons: list[str]) -> str:
@@ -581,37 +592,39 @@ def _norm(req: Request, micro: int, world: int, device: str, reasons: list[str])
     return policy
 
 
+def _advice(req: Request, global_batch: int, reasons: list[str]) -> None:
+    """What a measured noise scale says about the global batch; never changes the plan."""
+    if req.noise_scale is not None:
+        reasons.append(f"advice: {advice(global_batch, req.noise_scale)} (measured in {req.noise_source})")
+    elif req.advise:
+        reasons.append(
+            "advice: no noise-scale measurement of this recipe and scale yet; "
+            "train once with train.measure_noise_scale=true to measure the critical batch"
+        )
+
+
+def _weight_decay(req: Request) -> float:
+    """``optim.weight_decay`` if set, else the reference's."""
+    return req.reference.weight_decay if req.weight_decay is None else req.weight_decay
+
+
+def _milestones(req: Request, max_steps: int, reasons: list[str]) -> list[int]:
+    """The reference's milestone fractions as steps of this run (lr x0.1 at each under schedule: step)."""
+    ref = req.reference
+    milestones = [max(1, round(f * max_steps)) for f in ref.milestones]
+    if ref.schedule == "step" and milestones:
+        reasons.append(f"lr steps x0.1 at {milestones} (reference fractions {list(ref.milestones)} of max_steps)")
+    return milestones
+
+
 def request_from_config(
     cfg: Config, dataset_size: int | None = None, noise: tuple[float, str] | None = None
 ) -> Request:
-    """The planner's request for a validated config (the key each field comes from is its name)."""
-    r = cfg.recipe.reference
-    ref = Reference(
-        global_batch=r.global_batch,
-        lr=r.lr,
-        warmup_steps=r.warmup_steps,
-        max_steps=r.max_steps,
-        optimizer=r.optimizer,
-        weight_decay=r.weight_decay,
-        lr_rule=r.lr_rule,
-        schedule=r.schedule,
-        milestones=tuple(r.milestones),
-        devices=r.devices,
-        large_batch_optimizer=r.large_batch_optimizer,
-        large_batch_threshold=r.large_batch_threshold,
-        uses_batchnorm=r.uses_batchnorm,
-        norm_policy=r.norm_policy,
-        anchors=tuple(
-            Anchor(global_batch=a.global_batch, lr=a.lr, warmup_steps=a.warmup_steps, source=a.source)
-            for a in r.anchors
-        ),
-        epochs=r.epochs,
-        source=r.source,
-    )
+    """The planner's request for a validated config (the key each field comes from is beside it in ``Request``)."""
     micro = cfg.batch.micro_batch
     auto_noise = cfg.batch.global_batch == "auto_noise_scale"
     return Request(
-        reference=ref,
+        reference=cfg.recipe.reference,
         global_batch=None if auto_noise else cfg.batch.global_batch,  # type: ignore[arg-type]
         auto_noise_scale=auto_noise,
         advise=cfg.planner.advise,
@@ -637,7 +650,7 @@ def request_from_config(
 
 
 def describe(p: Plan) -> str:
-    """The plan as a readable table followed by its reasons (what ``action=plan`` prints)."""
+    """The plan as a readable table followed by its reasons and notes (what ``action=plan`` prints)."""
     rows = [
         ("world size", p.world_size),
         (
@@ -663,4 +676,6 @@ def describe(p: Plan) -> str:
     width = max(len(k) for k, _ in rows)
     lines = ["plan", "-" * 60] + [f"{k:<{width}}  {v}" for k, v in rows] + ["", "why:"]
     lines += [f"  {i + 1:>2}. {r}" for i, r in enumerate(p.reasons)]
+    if p.notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in p.notes]
     return "\n".join(lines)

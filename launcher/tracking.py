@@ -145,7 +145,7 @@ def start_run(
     run_id = run.info.run_id
     params = {
         **_flatten(config),
-        **{f"plan.{k}": v for k, v in plan.items() if k not in ("reasons", "memory", "deepspeed")},
+        **{f"plan.{k}": v for k, v in plan.items() if k not in ("reasons", "notes", "memory", "deepspeed")},
     }
     items = [Param(k, mask(str(v))[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):

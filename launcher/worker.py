@@ -1,18 +1,20 @@
-"""Per-rank setup inside a Ray Train worker: recipe parts, the plan applied, then the loop.
+"""Per-rank setup inside a Ray Train worker: a Trainer built from the plain payload, then ``fit()``.
 
 Receives plain data only (the resolved config dict, the plan dict, the run id), never
-live objects, and never a ``${hydra:...}`` interpolation.
+live objects, and never a ``${hydra:...}`` interpolation. The action (train or lr_find) is
+dispatched here, once.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -20,17 +22,36 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader
 
-from launcher import checkpoint
+from launcher import checkpoint, faults
 from launcher.config import Config, validate
 from launcher.control import StopPoll
-from launcher.data import SampleLedger, StepBatches, eval_shard
-from launcher.loop import Hooks, evaluate, run
+from launcher.data import Data, SampleLedger, StepBatches, eval_shard, size
+from launcher.hooks import back_off_notice, build_hooks
 from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.planner import Plan
+from launcher.step import Batch, DDPStep, DeepSpeedStep, StepScalars, evaluate
 from launcher.tracking import MlflowTracker, NullTracker, Tracker
+from launcher.trainer import StepFn, Trainer
+from recipes import RECIPES, Recipe
+
+
+@dataclass
+class Worker:
+    """What every part of a rank's run is built from."""
+
+    cfg: Config
+    plan: Plan
+    recipe: Recipe
+    data: Data
+    device: torch.device
+    rank: int
+    world: int
+    tracker: Tracker
+    say: Callable[[str], None]  # rank 0's console; a no-op elsewhere
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -39,7 +60,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     cfg: Config = validate(payload["config"])
     plan = Plan.from_dict(payload["plan"])
     # Ray Train logs every ``ray.train.report`` at INFO from a logger named after its file, which
-    # RunConfig(logging_config=...) does not reach; the loop prints its own progress line.
+    # RunConfig(logging_config=...) does not reach; the Trainer's metrics hook prints its own line.
     from ray.train.v2._internal.execution import context as ray_train_context
 
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
@@ -47,211 +68,168 @@ def train_loop(payload: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world != plan.world_size:
         raise RuntimeError(f"planned for {plan.world_size} workers, running on {world}")
-    from recipes import RECIPES
-
     recipe = RECIPES[cfg.recipe.name]
     torch.manual_seed(cfg.run.seed)
-    device = ray.train.torch.get_device()
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
     stamps["worker_data_done_at"] = time.time()
-
-    model = convert_norm(recipe.build_model(cfg), plan.norm)
-    zero = None  # DeepSpeed's ZeRO optimizer (engine=deepspeed)
-    if plan.engine == "deepspeed":
-        from launcher import engine
-
-        model = model.to(device)
-        optimizer = build_optimizer(model, plan, cfg.optim)
-        model, zero = engine.wrap(model, optimizer, plan.deepspeed or {})
+    poll = StopPoll(payload["run_id"]) if rank == 0 else None
+    say = console if rank == 0 else (lambda _msg: None)
+    tracker: Tracker = (
+        MlflowTracker(payload["tracking_uri"], payload["run_id"], poll.keep, say) if poll is not None else NullTracker()
+    )
+    w = Worker(cfg, plan, recipe, data, ray.train.torch.get_device(), rank, world, tracker, say)
+    if cfg.action == "lr_find":
+        _lr_find(w)
     else:
-        model = ray.train.torch.prepare_model(
-            model,
-            parallel_strategy="ddp" if world > 1 else None,
-            # No collective in forward: buffers are synced from rank 0 before eval and checkpoints
-            # instead, which also lets ranks back off from an OOM without desynchronizing.
-            parallel_strategy_kwargs={"forward_sync_buffers": False} if world > 1 else None,
-        )
-    raw_model = getattr(model, "module", model)
-    noise = None
-    if cfg.train.measure_noise_scale:  # engine=ddp, world >= 2: checked on the driver
-        per_rank = plan.micro_batch * plan.grad_accum
-        noise = (LocalGradNorm.attach(model), NoiseScale(b_small=per_rank, b_big=plan.global_batch))
-    if zero is None:
-        optimizer = build_optimizer(raw_model, plan, cfg.optim)
-    scheduler = build_scheduler(optimizer, plan)
+        build_trainer(w, payload, poll, stamps).fit()
+    tracker.close()
+
+
+def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, stamps: dict[str, float]) -> Trainer:
+    """The Trainer of a training run: engine and step, its Stateful parts restored, batches, hooks."""
+    cfg, plan = w.cfg, w.plan
+    injected = faults.from_env()
+    scalars = StepScalars()
+    eng = _engine(w, scalars, injected)
+    raw = getattr(eng.model, "module", eng.model)
+    scheduler = build_scheduler(eng.optimizer, plan)
     ema = None
     if cfg.train.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-
-    say = console if rank == 0 else (lambda _msg: None)
-
-    def apply(state: dict[str, Any], directory: Path) -> None:
-        raw_model.load_state_dict(state["model"])
-        if zero is not None:
-            from launcher import engine
-
-            if state["plan"]["world_size"] != world:
-                raise checkpoint.CheckpointMismatch(
-                    f"engine=deepspeed: the checkpoint's ZeRO optimizer is split over {state['plan']['world_size']} "
-                    f"workers, this run has {world}; resume with cluster.num_workers={state['plan']['world_size']}"
-                )
-            try:
-                engine.load_shard(zero, directory / checkpoint.shard_file(rank), world)
-            except (OSError, RuntimeError, EOFError) as e:  # a torn or missing shard: try the one before
-                raise checkpoint.Unreadable(f"{checkpoint.shard_file(rank)}: {e}") from e
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        if noise is not None and "noise_scale" in state:
-            noise[1].load_state_dict(state["noise_scale"])
-        checkpoint.set_rng_state(state["rng"])
-
+        ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+    noise = None
+    if cfg.train.measure_noise_scale:  # engine=ddp, world >= 2: checked on the driver
+        noise = (LocalGradNorm.attach(eng.model), NoiseScale(b_small=plan.micro_batch * plan.grad_accum,
+                                                             b_big=plan.global_batch))
+    parts: dict[str, checkpoint.Stateful] = {"model": raw, **eng.parts, "scheduler": scheduler, "rng": checkpoint.RNG()}
+    parts |= {"ema": ema} if ema is not None else {}
+    parts |= {"noise_scale": noise[1]} if noise is not None else {}
+    record = {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")}
+    saver = checkpoint.Checkpointer(parts, eng.shards, recipe=cfg.recipe.name, plan=record, rank=w.rank,
+                                    world=w.world, after_write=injected.after_write)
     # The run's complete checkpoints in the storage, newest first (paths or URIs): after a worker
     # failure, after a run of the same name. Listed here rather than asked of Ray
     # (ray.train.get_checkpoint), which misses one it had not registered yet when a worker died.
-    dirs = checkpoint.candidates(payload["run_root"], say)
-    start_step = 0
-    found = checkpoint.restore(dirs, cfg.recipe.name, apply, say) if cfg.action == "train" else None
+    found = saver.restore(checkpoint.candidates(payload["run_root"], w.say), w.say)
+    start = int(found[1]["step"]) if found is not None else 0
     if found is not None:
-        start_step = int(found[1]["step"])
-        say(f"resumed from {PurePosixPath(found[0]).name} at step {start_step}")
-    agree_on_step(start_step, device)
-
-    poll = StopPoll(payload["run_id"]) if rank == 0 else None
-    tracker: Tracker = (
-        MlflowTracker(payload["tracking_uri"], payload["run_id"], poll.keep, say) if poll is not None else NullTracker()
-    )
-
-    sampler = StepBatches(
-        len(data.train),
-        micro=plan.micro_batch,
-        accum=plan.grad_accum,
-        world=world,
-        rank=rank,
-        seed=cfg.run.seed,
-        start_step=start_step,
-    )
-    ledger = SampleLedger.from_env(rank, start_step, plan.grad_accum) if cfg.action == "train" else None
-    loader = DataLoader(
-        ledger.dataset(data.train) if ledger else data.train,
-        batch_sampler=sampler,
-        collate_fn=ledger.collate(data.collate) if ledger else data.collate,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0,
-    )
-
+        w.say(f"resumed from {PurePosixPath(found[0]).name} at step {start}")
+    agree_on_step(start, w.device)
+    batches = _batches(w, start, SampleLedger.from_env(w.rank, start, plan.grad_accum))
     stamps["worker_model_done_at"] = time.time()
-    if cfg.action == "lr_find":
-        _lr_find(cfg, plan, model, optimizer, loader, recipe.count, device, tracker, say)
-        return
-
-    def eval_batches() -> Iterator[dict[str, torch.Tensor]]:
-        collate = data.eval_collate or data.collate
-        for chunk in eval_shard(len(data.eval), rank, world, plan.micro_batch, cfg.train.eval_batches):
-            yield collate([data.eval[i] for i in chunk])
-
-    def evaluate_model(m: torch.nn.Module) -> dict[str, float]:
-        if hasattr(recipe, "evaluate"):  # a recipe with its own metric (COCO mAP)
-            return recipe.evaluate(m, eval_batches(), data, device, cfg.train.precision)
-        return evaluate(m, eval_batches(), recipe.count, device, cfg.train.precision, recipe.METRICS)
-
-    def report(step: int, metrics: dict[str, float]) -> None:
-        ray.train.report({**metrics, "step": step})
-
-    def save(step: int, metrics: dict[str, float]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            if zero is not None:  # every rank keeps its ZeRO partition; Ray merges the ranks' files
-                from launcher import engine
-
-                engine.save_shard(zero, Path(tmp) / checkpoint.shard_file(rank))
-            if rank == 0:
-                plan_record = {k: v for k, v in plan.to_dict().items() if k not in ("memory", "deepspeed")}
-                checkpoint.save(
-                    Path(tmp),
-                    {
-                        "model": raw_model.state_dict(),
-                        **({"optimizer": optimizer.state_dict()} if zero is None else {}),
-                        "scheduler": scheduler.state_dict(),
-                        **({"ema": ema.state_dict()} if ema is not None else {}),
-                        **({"noise_scale": noise[1].state_dict()} if noise is not None else {}),
-                        "rng": checkpoint.rng_state(),
-                        "step": step,
-                        "recipe": cfg.recipe.name,
-                        "plan": plan_record,
-                    },
-                    {"recipe": cfg.recipe.name, "step": step, "plan": plan_record},
-                )
-            has_files = any(Path(tmp).iterdir())
-            ray.train.report(
-                {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None
-            )
-        say(f"checkpoint at step {step}")
-
-    run(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        batches=ledger.record(iter(loader)) if ledger else iter(loader),
-        evaluate_model=evaluate_model,
-        count=recipe.count,
-        plan=plan,
-        start_step=start_step,
-        device=device,
-        precision=cfg.train.precision,
-        grad_clip=cfg.train.grad_clip,
-        log_every=cfg.train.log_every,
-        eval_every=cfg.train.eval_every,
-        checkpoint_every=cfg.train.checkpoint_every,
-        tracker=tracker,
-        hooks=Hooks(report=report, checkpoint=save, print=say, stop=poll if poll is not None else (lambda: False)),
-        startup=stamps if poll is not None and "launched_at" in stamps and poll.first_start() else None,
-        ema=ema,
-        noise=noise,
+    timed = poll is not None and "launched_at" in stamps and poll.first_start()
+    hooks = build_hooks(
+        log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, checkpoint_every=cfg.train.checkpoint_every,
+        report=_report, evaluate=partial(_evaluate, w), save=partial(_save, saver, w.say), poll=poll,
+        startup=stamps if timed else None, ema=ema, noise=noise,
     )
-    tracker.close()
+    return Trainer(model=eng.model, step_fn=eng.step, scheduler=scheduler, batches=batches, plan=plan,
+                   start_step=start, hooks=hooks, tracker=w.tracker, say=w.say, scalars=scalars)
 
 
-def _lr_find(  # type: ignore[no-untyped-def]
-    cfg: Config, plan: Plan, model, optimizer, loader: DataLoader, count, device, tracker: Tracker, say
-) -> None:
+@dataclass
+class Engine:
+    """The model as trained and how one step runs: DDP, or DeepSpeed ZeRO (chosen here, once)."""
+
+    model: nn.Module  # DDP-wrapped (or plain on one worker), or the DeepSpeed engine
+    optimizer: torch.optim.Optimizer  # the launcher's own; ZeRO wraps it, the lr schedule drives it
+    step: StepFn
+    parts: dict[str, checkpoint.Stateful]  # optimizer state rank 0 saves (DDP)
+    shards: dict[str, checkpoint.Stateful]  # state each rank saves (ZeRO's partition)
+
+
+def _engine(w: Worker, scalars: StepScalars, injected: faults.Faults) -> Engine:
+    cfg, plan = w.cfg, w.plan
+    model = convert_norm(w.recipe.build_model(cfg), plan.norm)
+    if plan.engine == "deepspeed":
+        from launcher import engine
+
+        optimizer = build_optimizer(model.to(w.device), plan, cfg.optim)
+        wrapped, zero = engine.wrap(model, optimizer, plan.deepspeed or {})
+        zero_step = DeepSpeedStep(wrapped, w.recipe.count, scalars, device=w.device)
+        return Engine(wrapped, optimizer, zero_step, {}, {"zero": engine.ZeroShard(zero, w.world)})
+    model = ray.train.torch.prepare_model(
+        model,
+        parallel_strategy="ddp" if w.world > 1 else None,
+        # No collective in forward: buffers are synced from rank 0 before eval and checkpoints
+        # instead, which also lets ranks back off from an OOM without desynchronizing.
+        parallel_strategy_kwargs={"forward_sync_buffers": False} if w.world > 1 else None,
+    )
+    optimizer = build_optimizer(getattr(model, "module", model), plan, cfg.optim)
+    step = DDPStep(
+        model, optimizer, w.recipe.count, scalars, device=w.device, precision=cfg.train.precision,
+        grad_clip=cfg.train.grad_clip, need_grad_norm=cfg.train.measure_noise_scale,
+        on_back_off=back_off_notice(plan, w.tracker, w.say), guard=injected.memory_guard,
+    )
+    return Engine(model, optimizer, step, {"optimizer": optimizer}, {})
+
+
+def _batches(w: Worker, start_step: int, ledger: SampleLedger | None) -> Iterator[Batch]:
+    """This rank's micro-batches from ``start_step`` on (through the sample ledger when it is on)."""
+    sampler = StepBatches(size(w.data.train), micro=w.plan.micro_batch, accum=w.plan.grad_accum, world=w.world,
+                          rank=w.rank, seed=w.cfg.run.seed, start_step=start_step)
+    loader = DataLoader(
+        ledger.dataset(w.data.train) if ledger else w.data.train,
+        batch_sampler=sampler,
+        collate_fn=ledger.collate(w.data.collate) if ledger else w.data.collate,
+        num_workers=w.cfg.data.num_workers,
+        pin_memory=w.device.type == "cuda",
+        persistent_workers=w.cfg.data.num_workers > 0,
+    )
+    return ledger.record(iter(loader)) if ledger else iter(loader)
+
+
+def _evaluate(w: Worker, model: nn.Module) -> dict[str, float]:
+    """The recipe's metric over this rank's share of the evaluation split (every sample on one rank)."""
+    collate = w.data.eval_collate or w.data.collate
+    chunks = eval_shard(size(w.data.eval), w.rank, w.world, w.plan.micro_batch, w.cfg.train.eval_batches)
+    batches = (collate([w.data.eval[i] for i in chunk]) for chunk in chunks)
+    if w.recipe.evaluate is not None:  # a recipe with its own metric (COCO mAP)
+        return w.recipe.evaluate(model, batches, w.data, w.device, w.cfg.train.precision)
+    return evaluate(model, batches, w.recipe.count, w.device, w.cfg.train.precision, w.recipe.METRICS)
+
+
+def _report(step: int, metrics: dict[str, float]) -> None:
+    ray.train.report({**metrics, "step": step})
+
+
+def _save(saver: checkpoint.Checkpointer, say: Callable[[str], None], step: int, metrics: dict[str, float]) -> None:
+    """Every rank writes its files of the checkpoint; Ray Train merges the ranks' folders in the storage."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saver.save(Path(tmp), step)
+        has_files = any(Path(tmp).iterdir())
+        ray.train.report(
+            {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None
+        )
+
+
+def _lr_find(w: Worker) -> None:
     """``action=lr_find`` on every rank; rank 0 logs the curve and suggestion, all report the suggestion."""
     from launcher import lr_find
 
-    batches = iter(loader)
-    steps = (list(itertools.islice(batches, plan.grad_accum)) for _ in itertools.count())
-    schedule = lr_find.lrs(cfg.lr_find.steps, cfg.lr_find.min_lr, cfg.lr_find.max_lr)
-    say(
+    eng = _engine(w, StepScalars(), faults.Faults())
+    plan, batches = w.plan, _batches(w, 0, None)
+    steps = ([next(batches) for _ in range(plan.grad_accum)] for _ in iter(int, 1))
+    schedule = lr_find.lrs(w.cfg.lr_find.steps, w.cfg.lr_find.min_lr, w.cfg.lr_find.max_lr)
+    w.say(
         f"lr_find: {len(schedule)} steps from lr {schedule[0]:.3g} to {schedule[-1]:.3g} at global batch "
         f"{plan.global_batch} ({plan.micro_batch} x {plan.grad_accum} x {plan.world_size})"
     )
     tried, losses = lr_find.range_test(
-        model,
-        optimizer,
-        steps,
-        count,
-        schedule=schedule,
-        diverge=cfg.lr_find.diverge,
-        device=device,
-        precision=cfg.train.precision,
-        grad_clip=cfg.train.grad_clip,
-        progress=say,
+        eng.model, eng.optimizer, steps, w.recipe.count, schedule=schedule, diverge=w.cfg.lr_find.diverge,
+        device=w.device, precision=w.cfg.train.precision, grad_clip=w.cfg.train.grad_clip, progress=w.say,
     )
-    found = lr_find.suggest(tried, lr_find.smooth(losses), cfg.lr_find.diverge)
+    found = lr_find.suggest(tried, lr_find.smooth(losses), w.cfg.lr_find.diverge)
     for i, (lr, loss) in enumerate(zip(tried, losses, strict=True)):
-        tracker.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, i + 1)
-    if isinstance(tracker, MlflowTracker):
+        w.tracker.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, i + 1)
+    if isinstance(w.tracker, MlflowTracker):
         with tempfile.TemporaryDirectory() as tmp:
             for path in lr_find.save_curve(tried, losses, found, Path(tmp)):
-                tracker.client.log_artifact(tracker.run_id, str(path), "lr_find")
+                w.tracker.client.log_artifact(w.tracker.run_id, str(path), "lr_find")
     summary = {f"lr_find_{k}": v for k, v in found.items() if v is not None} | {"lr_find_steps": len(tried)}
-    tracker.log_metrics(summary, len(tried))
-    tracker.log_dict({**found, "steps": len(tried), "global_batch": plan.global_batch}, "lr_find/result.json")
-    tracker.close()
+    w.tracker.log_metrics(summary, len(tried))
+    w.tracker.log_dict({**found, "steps": len(tried), "global_batch": plan.global_batch}, "lr_find/result.json")
 
 
 def agree_on_step(step: int, device: torch.device) -> None:
@@ -267,19 +245,19 @@ def agree_on_step(step: int, device: torch.device) -> None:
         )
 
 
-def convert_norm(model: torch.nn.Module, policy: str) -> torch.nn.Module:
+def convert_norm(model: nn.Module, policy: str) -> nn.Module:
     """The plan's BatchNorm policy applied: sync_bn, group_norm, frozen_bn; else unchanged."""
     if policy == "sync_bn":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if policy not in ("group_norm", "frozen_bn"):
         return model
     from torchvision.ops import FrozenBatchNorm2d
 
     for name, child in model.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d):
+        if isinstance(child, nn.BatchNorm2d):
             c = child.num_features
             if policy == "group_norm":  # 32 groups (Wu & He 2018), fewer when channels do not divide
-                new: torch.nn.Module = torch.nn.GroupNorm(math.gcd(32, c), c, eps=child.eps)
+                new: nn.Module = nn.GroupNorm(math.gcd(32, c), c, eps=child.eps)
             else:
                 new = FrozenBatchNorm2d(c, eps=child.eps)
                 new.load_state_dict(child.state_dict(), strict=False)  # running stats and affine, frozen

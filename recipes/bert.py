@@ -26,10 +26,12 @@ from torch.utils.data import Dataset
 
 from launcher.config import BertRecipe, Config
 from launcher.data import Data, built_once
+from recipes.protocol import Evaluate
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 METRICS = ["mlm", "nsp", "mlm_acc", "nsp_acc"]  # what evaluation reports
+evaluate: Evaluate | None = None  # evaluation: the mean of the per-sample METRICS sums
 
 
 def spec(cfg: Config) -> BertRecipe:
@@ -309,16 +311,7 @@ def make_pairs(docs: list[list[str]], tokenizer: Any, seq_len: int, seed: int) -
             if sum(map(len, chunk)) < budget and i < len(sents) - 1:
                 continue
             if len(chunk) >= 2 or len(encoded) > 1:
-                cut = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
-                a = [t for s2 in chunk[:cut] for t in s2]
-                if len(chunk) >= 2 and rng.random() < 0.5:
-                    b, label = [t for s2 in chunk[cut:] for t in s2], 0
-                else:
-                    other = rng.choice([j for j in range(len(encoded)) if j != d] or [d])
-                    start = rng.randrange(len(encoded[other]))
-                    b, label = [t for s2 in encoded[other][start:] for t in s2], 1
-                while len(a) + len(b) > budget:  # truncate the longer side (Devlin et al.)
-                    (a if len(a) > len(b) else b).pop()
+                a, b, label = _pair(chunk, d, encoded, budget, rng)
                 if a and b:
                     tokens += a + b
                     offsets.append(len(tokens))
@@ -331,3 +324,21 @@ def make_pairs(docs: list[list[str]], tokenizer: Any, seq_len: int, seed: int) -
         "len_a": torch.tensor(len_a, dtype=torch.int32),
         "label": torch.tensor(labels, dtype=torch.long),
     }
+
+
+def _pair(
+    chunk: list[list[int]], d: int, encoded: list[list[list[int]]], budget: int, rng: random.Random
+) -> tuple[list[int], list[int], int]:
+    """Sentences A from ``chunk`` (of document ``d``), B its continuation (label 0) or the text
+    from a random sentence of another document on (label 1), cut to ``budget`` tokens."""
+    cut = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+    a = [t for s2 in chunk[:cut] for t in s2]
+    if len(chunk) >= 2 and rng.random() < 0.5:
+        b, label = [t for s2 in chunk[cut:] for t in s2], 0
+    else:
+        other = rng.choice([j for j in range(len(encoded)) if j != d] or [d])
+        start = rng.randrange(len(encoded[other]))
+        b, label = [t for s2 in encoded[other][start:] for t in s2], 1
+    while len(a) + len(b) > budget:  # truncate the longer side (Devlin et al.)
+        (a if len(a) > len(b) else b).pop()
+    return a, b, label

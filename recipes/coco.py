@@ -163,44 +163,12 @@ class CocoImages(Dataset):
     def __init__(self, root: Path, split: str, masks: bool, seed: int, *, train: bool, keep_empty: bool) -> None:
         from pycocotools.coco import COCO
 
-        self.ann_file = root / "annotations" / f"instances_{split}.json"
-        if not self.ann_file.exists():
-            have = (
-                sorted(p.name for p in (root / "annotations").glob("*.json")) if (root / "annotations").is_dir() else []
-            )
-            raise ConfigError(
-                [
-                    f"data.path: {self.ann_file} is missing (found: {have or 'no annotations/ folder'}; "
-                    f"recipe.train_split / recipe.val_split name the splits)"
-                ]
-            )
+        self.ann_file = _annotation_file(root, split)
         d = _read(self.ann_file)
         self.image_dir = root / split
         images = {im["id"]: im for im in d["images"]}
         cats = sorted(c["id"] for c in d["categories"])
-        errors, skipped, kept = [], 0, []
-        for a in d["annotations"]:
-            where = f"{self.ann_file}: annotation id {a.get('id')}"
-            if a.get("image_id") not in images:
-                errors.append(f"data.path: {where} points at image_id {a.get('image_id')}, which is not in images")
-            elif a.get("category_id") not in cats:
-                errors.append(f"data.path: {where} has unknown category_id {a.get('category_id')} (known: {cats})")
-            elif len(a.get("bbox", [])) != 4 or a["bbox"][2] <= 0 or a["bbox"][3] <= 0:
-                skipped += 1  # detectron2 and COCOeval ignore degenerate boxes too
-            else:
-                kept.append(a)
-        missing = [im["file_name"] for im in d["images"] if not (self.image_dir / im["file_name"]).is_file()]
-        if missing:
-            errors.append(
-                f"data.path: {len(missing)} image(s) listed in {self.ann_file} are not in {self.image_dir}, "
-                f"e.g. {self.image_dir / missing[0]}"
-            )
-        if errors:
-            raise ConfigError(errors[:10] + ([f"... and {len(errors) - 10} more"] if len(errors) > 10 else []))
-        if skipped:
-            warnings.warn(
-                f"{self.ann_file}: skipped {skipped} annotation(s) with a non-positive box size", stacklevel=2
-            )
+        kept = _checked_annotations(d, self.ann_file, self.image_dir)
         self.coco = COCO()
         self.coco.dataset = {**d, "annotations": kept}
         with contextlib.redirect_stdout(io.StringIO()):
@@ -239,6 +207,49 @@ class CocoImages(Dataset):
         return {"image": image, "boxes": boxes, "labels": labels, "masks": masks, "image_id": image_id}
 
 
+def _annotation_file(root: Path, split: str) -> Path:
+    """``root/annotations/instances_<split>.json``, or a ConfigError listing the files that are there."""
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    if not ann_file.exists():
+        have = sorted(p.name for p in (root / "annotations").glob("*.json")) if (root / "annotations").is_dir() else []
+        raise ConfigError(
+            [
+                f"data.path: {ann_file} is missing (found: {have or 'no annotations/ folder'}; "
+                f"recipe.train_split / recipe.val_split name the splits)"
+            ]
+        )
+    return ann_file
+
+
+def _checked_annotations(d: dict[str, Any], ann_file: Path, image_dir: Path) -> list[dict[str, Any]]:
+    """The usable annotations; a ConfigError naming bad references and missing images, a warning
+    counting the degenerate boxes skipped."""
+    images = {im["id"] for im in d["images"]}
+    cats = sorted(c["id"] for c in d["categories"])
+    errors, skipped, kept = [], 0, []
+    for a in d["annotations"]:
+        where = f"{ann_file}: annotation id {a.get('id')}"
+        if a.get("image_id") not in images:
+            errors.append(f"data.path: {where} points at image_id {a.get('image_id')}, which is not in images")
+        elif a.get("category_id") not in cats:
+            errors.append(f"data.path: {where} has unknown category_id {a.get('category_id')} (known: {cats})")
+        elif len(a.get("bbox", [])) != 4 or a["bbox"][2] <= 0 or a["bbox"][3] <= 0:
+            skipped += 1  # detectron2 and COCOeval ignore degenerate boxes too
+        else:
+            kept.append(a)
+    missing = [im["file_name"] for im in d["images"] if not (image_dir / im["file_name"]).is_file()]
+    if missing:
+        errors.append(
+            f"data.path: {len(missing)} image(s) listed in {ann_file} are not in {image_dir}, "
+            f"e.g. {image_dir / missing[0]}"
+        )
+    if errors:
+        raise ConfigError(errors[:10] + ([f"... and {len(errors) - 10} more"] if len(errors) > 10 else []))
+    if skipped:
+        warnings.warn(f"{ann_file}: skipped {skipped} annotation(s) with a non-positive box size", stacklevel=3)
+    return kept
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Pad images to the largest, and each image's instances to the most in the batch (label 0)."""
     h = max(x["image"].shape[1] for x in items)
@@ -268,15 +279,22 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Any, data: Data, device: torch.device, precision: str) -> dict[str, float]:
     """COCOeval over the images this evaluation saw, detections gathered from every rank to rank 0."""
-    import torch.distributed as dist
-
-    from launcher.loop import autocast, to_device
-
     detector = getattr(model, "module", model)
     assert isinstance(detector, Detector)
     val = data.eval
     assert isinstance(val, CocoImages)
     detector.eval()
+    seen, found = _detect(detector, batches, val.to_cat, device, precision)
+    detector.train()
+    return _score_on_rank0(val.coco, seen, found, detector.masks)
+
+
+def _detect(
+    detector: Detector, batches: Any, to_cat: dict[int, int], device: torch.device, precision: str
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """The ids of the images in ``batches`` and the detections on them, as COCO results."""
+    from launcher.step import autocast, to_device
+
     seen: list[int] = []
     found: list[dict[str, Any]] = []
     for batch in batches:
@@ -285,14 +303,20 @@ def evaluate(model: nn.Module, batches: Any, data: Data, device: torch.device, p
             outputs = detector.net(images)
         for image_id, out in zip(batch["image_id"].tolist(), outputs, strict=True):
             seen.append(image_id)
-            found += detections(image_id, {k: v.float().cpu() for k, v in out.items()}, val.to_cat)
-    detector.train()
+            found += detections(image_id, {k: v.float().cpu() for k, v in out.items()}, to_cat)
+    return seen, found
+
+
+def _score_on_rank0(gt: Any, seen: list[int], found: list[dict[str, Any]], masks: bool) -> dict[str, float]:
+    """Every rank's (seen, found) gathered to rank 0, scored there, the numbers sent back to all."""
+    import torch.distributed as dist
+
     parts: list[Any] = [(seen, found)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (seen, found))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    metrics: list[Any] = [coco_metrics(val.coco, parts, detector.masks) if rank0 else None]
+    metrics: list[Any] = [coco_metrics(gt, parts, masks) if rank0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(metrics, src=0)  # every rank returns (and reports) the same numbers
     result: dict[str, float] = metrics[0]
@@ -378,34 +402,45 @@ def write_split(root: Path, split: str, n: int, size: int, cats: list[tuple[int,
         image = Image.new("RGB", (size, size), tuple(rng.randrange(0, 80) for _ in range(3)))
         draw = ImageDraw.Draw(image)
         for _ in range(rng.randint(1, 3)):
-            cat, name = rng.choice(cats)
-            half = rng.uniform(0.1, 0.25) * size
-            cx, cy = rng.uniform(half, size - half), rng.uniform(half, size - half)
-            sides = {"square": 4, "triangle": 3, "diamond": 4, "hexagon": 6}[name]
-            turn = math.pi / 4 if name == "square" else -math.pi / 2
-            poly = [
-                (
-                    cx + half * math.cos(turn + 2 * math.pi * j / sides),
-                    cy + half * math.sin(turn + 2 * math.pi * j / sides),
-                )
-                for j in range(sides)
-            ]
+            cat, name, poly = _random_polygon(cats, size, rng)
             draw.polygon(poly, fill=(80 + 40 * cats.index((cat, name)), 200, 255 - 50 * cats.index((cat, name))))
-            xs, ys = [p[0] for p in poly], [p[1] for p in poly]
-            area = 0.5 * abs(sum(xs[j] * ys[j - 1] - xs[j - 1] * ys[j] for j in range(sides)))
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": k + 1,
-                    "category_id": cat,
-                    "iscrowd": 0,
-                    "area": area,
-                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                    "segmentation": [[c for p in poly for c in p]],
-                }
-            )
+            anns.append(_polygon_annotation(len(anns) + 1, k + 1, cat, poly))
         name = f"{k:06d}.jpg"
         image.save(root / split / name, quality=95)
         images.append({"id": k + 1, "file_name": name, "height": size, "width": size})
     d = {"images": images, "annotations": anns, "categories": [{"id": c, "name": nm} for c, nm in cats]}
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(d))
+
+
+def _random_polygon(
+    cats: list[tuple[int, str]], size: int, rng: random.Random
+) -> tuple[int, str, list[tuple[float, float]]]:
+    """A category drawn from ``cats`` and its regular polygon at a random place and scale."""
+    cat, name = rng.choice(cats)
+    half = rng.uniform(0.1, 0.25) * size
+    cx, cy = rng.uniform(half, size - half), rng.uniform(half, size - half)
+    sides = {"square": 4, "triangle": 3, "diamond": 4, "hexagon": 6}[name]
+    turn = math.pi / 4 if name == "square" else -math.pi / 2
+    poly = [
+        (
+            cx + half * math.cos(turn + 2 * math.pi * j / sides),
+            cy + half * math.sin(turn + 2 * math.pi * j / sides),
+        )
+        for j in range(sides)
+    ]
+    return cat, name, poly
+
+
+def _polygon_annotation(ann_id: int, image_id: int, cat: int, poly: list[tuple[float, float]]) -> dict[str, Any]:
+    """The COCO annotation of one polygon: its box, segmentation and (shoelace) area."""
+    xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+    area = 0.5 * abs(sum(xs[j] * ys[j - 1] - xs[j - 1] * ys[j] for j in range(len(poly))))
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": cat,
+        "iscrowd": 0,
+        "area": area,
+        "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+        "segmentation": [[c for p in poly for c in p]],
+    }

@@ -31,8 +31,10 @@ from torch.utils.data import Dataset
 
 from launcher.config import Config, ConfigError, ImagenetRecipe
 from launcher.data import Data, built_once
+from recipes.protocol import Evaluate
 
 METRICS = ["ce", "top1", "top5"]  # evaluation: mean loss, top-1 and top-5 accuracy
+evaluate: Evaluate | None = None  # evaluation: the mean of the per-sample METRICS sums
 
 
 def spec(cfg: Config) -> ImagenetRecipe:
@@ -129,8 +131,6 @@ def _num_classes(cfg: Config) -> int:
 
 def build_data(cfg: Config, cache_dir: Path) -> Data:
     """The two ImageFolder splits (checked), their transforms and collates."""
-    from torchvision.transforms import v2
-
     r = spec(cfg)
     check_model(r.model)
     root = Path(cfg.data.path).expanduser() if cfg.data.path else _synthetic(cfg, cache_dir)
@@ -139,6 +139,24 @@ def build_data(cfg: Config, cache_dir: Path) -> Data:
         raise ConfigError(
             [f"recipe.num_classes: {r.num_classes}, but {root / 'train'} has {len(classes)} class folders"]
         )
+    train_tf, eval_tf = _transforms(r)
+    train = Images(root / "train", train_tf, r.bad_images, cfg.run.seed)
+    val = Images(root / "val", eval_tf, r.bad_images, cfg.run.seed, fixed=True)
+    mixer = _mixer(r, len(classes))
+
+    def collate_train(items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        batch = collate(items)
+        if mixer is not None:  # soft labels: cross_entropy takes class probabilities
+            batch["images"], batch["labels"] = mixer(batch["images"], batch["labels"])
+        return batch
+
+    return Data(train=train, eval=val, collate=collate_train, eval_collate=collate)
+
+
+def _transforms(r: ImagenetRecipe) -> tuple[Any, Any]:
+    """torchvision's reference training and evaluation transforms, as ``recipe`` configures them."""
+    from torchvision.transforms import v2
+
     norm = v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     train_tf: list[Any] = [v2.RandomResizedCrop(r.train_crop, antialias=True), v2.RandomHorizontalFlip()]
     if r.auto_augment == "ta_wide":
@@ -153,19 +171,16 @@ def build_data(cfg: Config, cache_dir: Path) -> Data:
         v2.ToDtype(torch.float32, scale=True),
         norm,
     ]
-    train = Images(root / "train", v2.Compose(train_tf), r.bad_images, cfg.run.seed)
-    val = Images(root / "val", v2.Compose(eval_tf), r.bad_images, cfg.run.seed, fixed=True)
-    mix = [v2.MixUp(alpha=r.mixup_alpha, num_classes=len(classes))] if r.mixup_alpha else []
-    mix += [v2.CutMix(alpha=r.cutmix_alpha, num_classes=len(classes))] if r.cutmix_alpha else []
-    mixer = v2.RandomChoice(mix) if mix else None
+    return v2.Compose(train_tf), v2.Compose(eval_tf)
 
-    def collate_train(items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-        batch = collate(items)
-        if mixer is not None:  # soft labels: cross_entropy takes class probabilities
-            batch["images"], batch["labels"] = mixer(batch["images"], batch["labels"])
-        return batch
 
-    return Data(train=train, eval=val, collate=collate_train, eval_collate=collate)
+def _mixer(r: ImagenetRecipe, num_classes: int) -> Any:
+    """MixUp and / or CutMix (one drawn per batch), or None when both are off."""
+    from torchvision.transforms import v2
+
+    mix = [v2.MixUp(alpha=r.mixup_alpha, num_classes=num_classes)] if r.mixup_alpha else []
+    mix += [v2.CutMix(alpha=r.cutmix_alpha, num_classes=num_classes)] if r.cutmix_alpha else []
+    return v2.RandomChoice(mix) if mix else None
 
 
 def collate(items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:

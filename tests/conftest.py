@@ -19,6 +19,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# DeepSpeed JIT-builds its CPU ops (about 30 s on 2 cores): once per environment, not per test session
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch-extensions"))
 
 
 def launcher(
@@ -43,9 +45,8 @@ def shared_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _memory_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the memory-estimate cache and DeepSpeed's JIT-built ops inside the test session, never in ~/.cache."""
+    """Keep the memory-estimate cache inside the test session, never in ~/.cache."""
     monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path_factory.getbasetemp() / "launcher-cache"))
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch-extensions"))
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import ray
 import torch
 
 from launcher.cli import load
-from launcher.loop import train_step
+from launcher.step import DDPStep, StepScalars
 from recipes import bert
 
 CFG = load(["scale=smoke", "recipe.model.dropout=0.0"])
@@ -44,7 +44,7 @@ def fresh_model() -> torch.nn.Module:
 
 def one_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> torch.nn.Module:
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_step(model, opt, micro_batches, bert.count, device=torch.device("cpu"))
+    DDPStep(model, opt, bert.count, StepScalars(), device=torch.device("cpu"))(micro_batches, 0)
     return model
 
 

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from launcher.cli import load
 from launcher.data import eval_shard
-from launcher.loop import evaluate
+from launcher.step import evaluate
 from recipes import imagenet
 from tests.conftest import launcher
 

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from launcher import lr_find
-from launcher.loop import train_step
 from launcher.noise import LocalGradNorm, NoiseScale
+from launcher.step import DDPStep, StepScalars
 
 
 def test_estimator_recovers_a_known_noise_scale() -> None:
@@ -93,9 +93,11 @@ def _worker(rank: int, port: int, out: dict) -> None:  # type: ignore[type-arg]
     model = nn.parallel.DistributedDataParallel(Linear())
     hook = LocalGradNorm.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    result = train_step(model, opt, data(rank), count, device=torch.device("cpu"), local_norm=hook)
-    assert result is not None
-    out[rank] = (result.small_sq, result.big_sq)
+    scalars = StepScalars()
+    scalars.register("noise_local_sq", lambda: float(hook.sq))  # as launcher/hooks.py: NoiseScaleHook
+    result = DDPStep(model, opt, count, scalars, device=torch.device("cpu"), need_grad_norm=True).attempt(data(rank))
+    assert result is not None and result.grad_norm is not None
+    out[rank] = (result.scalars["noise_local_sq"] / 2, result.grad_norm**2)
     dist.destroy_process_group()
 
 

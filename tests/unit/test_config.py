@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from launcher.cli import CONF_DIR, HIDDEN_GROUPS, load
-from launcher.config import Config, ConfigError
+from launcher.config import RECIPE_SCHEMAS, Config, ConfigError, all_keys, check_of, doc, to_dict, validate
 
 
 def _choices(group: str) -> list[str]:
@@ -129,3 +133,225 @@ def test_cluster_ray_needs_shared_storage() -> None:
         assert load(["cluster=ray", f"cluster.storage_path={ok}"]).cluster.storage_path == ok
     (err,) = _errors(["action=submit"])
     assert "action: submit talks to a Ray cluster's job API; add cluster=ray" in err
+
+
+# --- one source of truth: the dataclasses hold every default; conf/ agrees with them ------------------
+
+
+def _defaults(schema: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a schema that has a default, with it (tuples as lists, as in YAML).
+
+    A required section (``recipe.reference``) is walked for its fields that have defaults; a
+    required leaf (``recipe.reference.lr``) has none and is left out.
+    """
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        factory = f.default_factory
+        if dataclasses.is_dataclass(factory) or (dataclasses.is_dataclass(tp) and f.default is dataclasses.MISSING):
+            out.update(_defaults(typing.cast(type, factory if dataclasses.is_dataclass(factory) else tp), key + "."))
+        elif f.default is not dataclasses.MISSING:
+            out[key] = list(f.default) if isinstance(f.default, tuple) else f.default
+        elif factory is not dataclasses.MISSING:
+            out[key] = factory()
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "choices":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _schema_defaults(recipe: str) -> dict[str, Any]:
+    base = {k: v for k, v in _defaults(Config).items() if k != "choices"}
+    return base | {f"recipe.{k}": v for k, v in _defaults(RECIPE_SCHEMAS[recipe]).items()}
+
+
+def test_config_yaml_agrees_with_the_dataclasses_key_for_key_and_default_for_default() -> None:
+    from omegaconf import OmegaConf
+
+    raw: Any = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
+    del raw["defaults"]
+    # config.yaml owns every top-level section except those a group fills in and Hydra's choices
+    owned = {f.name for f in dataclasses.fields(Config)} - set(GROUPS) - {"choices"}
+    assert set(raw) == owned
+    expected = {k: v for k, v in _defaults(Config).items() if k.split(".")[0] in owned}
+    assert _flat(raw) == expected
+
+
+CITED = "CITED"  # a published value (an anchor list, a source text) with its citation in the YAML: it must differ
+# from the default, and the YAML is where to read it
+
+# What each group file changes from the dataclass defaults (launcher/config.py); every other key of the
+# composed config must equal its default. Recipes: only keys that have a default (reference.lr has none).
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "cluster/local": {},
+    "cluster/ray": {
+        "cluster.kind": "ray",
+        "cluster.max_failures": 3,  # a multi-node cluster loses nodes: restart the group from its checkpoint
+    },
+    "engine/ddp": {},
+    "engine/deepspeed": {"engine.name": "deepspeed"},
+    "tracking/local": {},
+    "tracking/server": {"tracking.uri": "http://127.0.0.1:5000"},  # a server on this machine, to override
+    "scale/full": {},
+    "scale/smoke": {  # 2 CPU cores: log often, evaluate briefly, load data in the training process
+        "train.log_every": 5,
+        "train.eval_batches": 4,
+        "data.num_workers": 0,
+    },
+    "recipe/bert": {  # Devlin et al. 2018; LAMB past 8k (You et al. 2019)
+        "recipe.reference.warmup_steps": 10000,
+        "recipe.reference.optimizer": "adamw",
+        "recipe.reference.weight_decay": 0.01,
+        "recipe.reference.lr_rule": "sqrt",
+        "recipe.reference.devices": 16,
+        "recipe.reference.large_batch_optimizer": "lamb",
+        "recipe.reference.large_batch_threshold": 8192,
+        "recipe.reference.anchors": CITED,
+        "recipe.reference.source": CITED,
+    },
+    "recipe/coco": {  # detectron2 mask_rcnn_R_50_FPN_1x
+        "recipe.reference.warmup_steps": 1000,
+        "recipe.reference.weight_decay": 1e-4,
+        "recipe.reference.schedule": "step",
+        "recipe.reference.milestones": [0.6666666667, 0.8888888889],
+        "recipe.reference.uses_batchnorm": True,
+        "recipe.reference.norm_policy": "frozen_bn",
+        "recipe.reference.source": CITED,
+    },
+    "recipe/imagenet": {  # torchvision ResNet-50 V1; Goyal et al. 2017 at 8k; LARS past 16k
+        "recipe.reference.weight_decay": 1e-4,
+        "recipe.reference.schedule": "step",
+        "recipe.reference.milestones": [0.3333333333, 0.6666666667],
+        "recipe.reference.large_batch_optimizer": "lars",
+        "recipe.reference.large_batch_threshold": 16384,
+        "recipe.reference.uses_batchnorm": True,
+        "recipe.reference.epochs": 90.0,
+        "recipe.reference.anchors": CITED,
+        "recipe.reference.source": CITED,
+    },
+}
+OVERRIDES["recipe/imagenet_tv2"] = OVERRIDES["recipe/imagenet"] | {  # composes imagenet; torchvision V2
+    "recipe.reference.warmup_steps": 6256,
+    "recipe.reference.weight_decay": 2e-5,
+    "recipe.reference.schedule": "cosine",
+    "recipe.reference.milestones": [],
+    "recipe.reference.anchors": [],
+    "recipe.reference.epochs": 600.0,
+    "recipe.train_crop": 176,
+    "recipe.eval_resize": 232,
+    "recipe.label_smoothing": 0.1,
+    "recipe.mixup_alpha": 0.2,
+    "recipe.cutmix_alpha": 1.0,
+    "recipe.auto_augment": "ta_wide",
+    "recipe.random_erase": 0.1,
+}
+OVERRIDES["recipe_scale/bert_smoke"] = {  # a 2-layer, 128-wide encoder on 64-token pairs
+    "train.eval_every": 100,
+    "train.checkpoint_every": 100,
+    "recipe.seq_len": 64,
+    "recipe.corpus_max_mb": 4.0,
+    "recipe.eval_fraction": 0.05,
+    "recipe.model.vocab_size": 4000,
+    "recipe.model.hidden_size": 128,
+    "recipe.model.num_layers": 2,
+    "recipe.model.num_heads": 2,
+    "recipe.model.intermediate_size": 256,
+    "recipe.model.dropout": 0.0,
+    "recipe.reference.warmup_steps": 20,
+    "recipe.reference.anchors": [],
+    "recipe.reference.source": "smoke: tuned for the tiny model, not published",
+}
+OVERRIDES["recipe_scale/coco_smoke"] = {  # Mask R-CNN at 128 pixels on a drawn set
+    "train.eval_batches": 0,  # the whole (drawn) val split
+    "recipe.min_size": 128,
+    "recipe.max_size": 128,
+    "recipe.trainable_backbone_layers": 5,
+    "recipe.synthetic.classes": 3,
+    "recipe.synthetic.train_images": 48,
+    "recipe.synthetic.val_images": 11,
+    "recipe.reference.warmup_steps": 5,
+    "recipe.reference.milestones": [0.8],
+    "recipe.reference.source": "smoke: tuned for 2 CPU workers, not published",
+}
+OVERRIDES["recipe_scale/imagenet_smoke"] = {  # ResNet-18 on 48-pixel drawn shapes
+    "train.eval_every": 30,
+    "train.checkpoint_every": 30,
+    "train.eval_batches": 0,
+    "recipe.model": "resnet18",
+    "recipe.train_crop": 48,
+    "recipe.eval_resize": 56,
+    "recipe.eval_crop": 48,
+    "recipe.synthetic.classes": 8,
+    "recipe.synthetic.train_per_class": 48,
+    "recipe.synthetic.val_per_class": 13,
+    "recipe.reference.warmup_steps": 5,
+    "recipe.reference.epochs": 5.0,
+    "recipe.reference.schedule": "cosine",
+    "recipe.reference.milestones": [],
+    "recipe.reference.anchors": [],
+    "recipe.reference.source": "smoke: tuned for ResNet-18 on drawn shapes, not published",
+}
+OVERRIDES["recipe_scale/imagenet_tv2_smoke"] = OVERRIDES["recipe_scale/imagenet_smoke"]  # composes it
+
+# Hydra's order: config.yaml, then the groups as its defaults list names them, the recipe's shrink last
+ORDER = ["recipe", "cluster", "tracking", "engine", "scale"]
+
+
+def test_every_group_file_has_its_overrides_listed() -> None:
+    files = {f"{d.name}/{f.stem}" for d in CONF_DIR.iterdir() if d.is_dir() for f in d.glob("*.yaml")}
+    assert files == set(OVERRIDES)
+
+
+def _compositions() -> list[list[str]]:
+    one_choice = [[f"{g}={c}"] for g in GROUPS for c in _choices(g)]
+    shrinks = [f.stem.rpartition("_") for f in (CONF_DIR / "recipe_scale").glob("*.yaml")]
+    return one_choice + sorted([f"recipe={r}", f"scale={s}"] for r, _, s in shrinks)
+
+
+@pytest.mark.parametrize("choices", _compositions(), ids=" ".join)
+def test_each_group_file_changes_only_its_listed_keys(choices: list[str]) -> None:
+    needs = ["cluster.storage_path=/shared/runs"] if "cluster=ray" in choices else []
+    cfg = load([*choices, *needs])
+    chosen = cfg.choices
+    expected = _schema_defaults(cfg.recipe.name)
+    changed: dict[str, Any] = {"cluster.storage_path": "/shared/runs"} if needs else {}
+    for group in ORDER:
+        changed |= OVERRIDES[f"{group}/{chosen[group]}"]
+    changed |= OVERRIDES.get(f"recipe_scale/{chosen['recipe']}_{chosen['scale']}", {})
+    got = {k: v for k, v in _flat(to_dict(cfg)).items() if k in expected}
+    for key, value in changed.items():
+        if value == CITED:
+            assert got[key] != expected[key], key
+            got[key] = value
+    assert got == expected | changed
+
+
+def test_every_key_has_a_one_line_doc() -> None:
+    for recipe in RECIPE_SCHEMAS:
+        for key in all_keys(Config, recipe=recipe):
+            text = doc(key, recipe)
+            assert text and "\n" not in text, key
+
+
+def test_range_checks_live_on_their_fields() -> None:
+    predicate, allowed = check_of("planner.headroom") or (None, "")
+    assert allowed == "a fraction in [0, 1)" and predicate is not None and not predicate(1.0)
+    assert check_of("recipe.reference.lr") is not None and check_of("run.name") is None
+    assert check_of("recipe.num_classes", recipe="imagenet") is not None
+
+
+@pytest.mark.parametrize("recipe", ["bert", "imagenet_tv2", "coco"])
+def test_the_plain_dict_validates_back_to_the_same_config(recipe: str) -> None:
+    """Workers get ``to_dict(cfg)`` (JSON-shaped) or its pickled tuples; both validate to the same config."""
+    cfg = load([f"recipe={recipe}"])
+    assert validate(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    assert validate(dataclasses.asdict(cfg)) == cfg
+    assert isinstance(cfg.recipe.reference.milestones, tuple) and isinstance(cfg.recipe.reference.anchors, tuple)

@@ -30,3 +30,21 @@ def test_hydra_is_imported_only_by_the_cli() -> None:
         if "import hydra" in p.read_text() or "from hydra" in p.read_text()
     ]
     assert users == ["launcher/cli.py"]
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    """Every ``def`` in launcher/ and recipes/ fits in 60 lines (a function you read in one sitting)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    long = [
+        f"{p.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for d in ("launcher", "recipes")
+        for p in sorted((root / d).rglob("*.py"))
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert long == []

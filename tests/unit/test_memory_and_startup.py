@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.loop import startup_phases
+from launcher.hooks import startup_phases
 from launcher.memory import _activations_per_sample
 
 D = 64

@@ -8,6 +8,8 @@ holds regression tests for two planner bugs it found.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import replace
 
@@ -593,3 +595,42 @@ def test_auto_noise_scale_takes_the_measured_critical_batch() -> None:
     assert p.target_global_batch == 512 and p.lr == pytest.approx(0.1 * 512 / 256)
     assert has_reason(p, "measured critical batch B_simple 511.6 (run y at step 300)")
     assert "batch.global_batch: auto_noise_scale needs a noise-scale measurement" in plan_error(auto_noise_scale=True)
+
+
+# --- one definition of the inputs, a frozen plan, notes after the reasons --------------------------
+
+
+def test_reference_and_anchor_are_the_configs() -> None:
+    from launcher import config, planner
+
+    assert planner.Reference is config.Reference and planner.Anchor is config.Anchor
+
+
+def test_request_defaults_are_the_config_defaults() -> None:
+    """A Request with only a reference asks what a default config asks (its defaults are read, not restated)."""
+    from launcher.config import BertRecipe, Config
+    from launcher.planner import request_from_config
+
+    cfg = Config(recipe=BertRecipe(reference=BERT))
+    assert request_from_config(cfg) == Request(reference=BERT)
+
+
+def test_plan_is_frozen_and_notes_come_after_the_reasons() -> None:
+    p = make(BERT, hw=gpus(8, 8), global_batch=8192)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.lr = 1.0  # type: ignore[misc]
+    noted = p.with_notes("resume: run x from step 3")
+    assert p.notes == () and noted.notes == ("resume: run x from step 3",) and noted.reasons == p.reasons
+    text = describe(noted)
+    assert text.index("resume: run x from step 3") > text.index(p.reasons[-1])
+    assert "notes:" not in describe(p)
+    assert p.with_reasons("checked").reasons == (*p.reasons, "checked")
+
+
+def test_plan_dict_is_plain_data_and_reads_back_from_json() -> None:
+    p = make(replace(SGD, schedule="step", milestones=(0.5,)), engine="deepspeed").with_notes("a note")
+    d = p.to_dict()
+    assert isinstance(d["reasons"], list) and d["notes"] == ["a note"]
+    assert Plan.from_dict(json.loads(json.dumps(d))) == p
+    old = {k: v for k, v in d.items() if k != "notes"}  # a plan written before notes existed
+    assert Plan.from_dict(old).notes == ()

@@ -1,0 +1,68 @@
+"""Fault injection for tests, in one place: read from the environment once, when a worker starts.
+
+Outside tests none of these variables is set and ``from_env()`` returns ``Faults()``, whose
+parts are no-ops; nothing on a hot path reads the environment.
+
+- ``LAUNCHER_INJECT_MEMORY_LIMIT=<bytes>``: a forward pass that makes autograd save more
+  than that many bytes of activations (counted as the memory estimate counts them,
+  ``memory.SavedBytes``) raises ``torch.OutOfMemoryError``, as a device would, so the
+  out-of-memory back-off runs on CPU.
+- ``LAUNCHER_INJECT_CHECKPOINT_KILL=<step>:<marker file>``: the process writing the
+  checkpoint of that step is SIGKILLed halfway through writing ``state.pt``, once (the
+  marker file says it happened).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Faults:
+    memory_limit: int = 0  # bytes of saved activations per forward; 0: no limit
+    checkpoint_kill: tuple[int, Path] | None = None  # (step, marker file)
+
+    def memory_guard(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """Around a forward pass: raises an out-of-memory past ``memory_limit``."""
+        if not self.memory_limit:
+            return nullcontext()
+        from launcher.memory import SavedBytes
+
+        saved, limit = SavedBytes(model.parameters()), self.memory_limit
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.pack(t)
+            if saved.total > limit:
+                raise torch.OutOfMemoryError(f"injected: {saved.total} bytes of activations > {limit}")
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def after_write(self, tmp: Path, step: int) -> None:
+        """Between writing a checkpoint's ``state.pt`` (under its temporary name) and its rename."""
+        if self.checkpoint_kill is None:
+            return
+        at, marker = self.checkpoint_kill
+        if at != step or marker.exists():
+            return
+        marker.touch()
+        with open(tmp, "r+b") as f:
+            f.truncate(tmp.stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def from_env() -> Faults:
+    kill = os.environ.get("LAUNCHER_INJECT_CHECKPOINT_KILL")
+    at, _, marker = (kill or "").partition(":")
+    return Faults(
+        memory_limit=int(os.environ.get("LAUNCHER_INJECT_MEMORY_LIMIT", "0")),
+        checkpoint_kill=(int(at), Path(marker)) if kill else None,
+    )

@@ -1,0 +1,265 @@
+"""The Trainer's hooks: each one thing a run does besides the step, with its own state.
+
+``build_hooks`` sets their order (detectron2's ``build_hooks``): it matters where one hook
+uses what another made in the same step. Hooks talk to the outside only through what they
+are given (the tracker, rank 0's console, Ray Train's report), so the Trainer runs without
+Ray in tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from launcher.step import all_sum, sync_buffers
+from launcher.trainer import HookBase, StepInfo, Trainer
+
+if TYPE_CHECKING:
+    from torch.optim.swa_utils import AveragedModel
+
+    from launcher.noise import LocalGradNorm, NoiseScale
+    from launcher.planner import Plan
+    from launcher.tracking import Tracker
+
+Report = Callable[[int, dict[str, float]], None]  # every log step, on every rank (Ray Train's report)
+
+
+def every(n: int, info: StepInfo) -> bool:
+    """A periodic hook's step: every ``n`` steps (0: never) and at the last one."""
+    return bool(n and info.done % n == 0) or info.last
+
+
+class StartupTiming(HookBase):
+    """Seconds from the command to the first optimizer step, by phase: logged and printed once per run."""
+
+    def __init__(self, stamps: dict[str, float]) -> None:
+        self.stamps = stamps
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        if info.done != trainer.start_step + 1:
+            return
+        phases = startup_phases(self.stamps, time.time())
+        trainer.tracker.log_metrics(phases, info.done)
+        trainer.say(
+            f"first optimizer step {phases['time_to_first_step_s']:.1f}s after the command started ("
+            + ", ".join(f"{k[8:-2]} {v:.1f}" for k, v in phases.items() if k.startswith("startup_"))
+            + ")"
+        )
+
+
+def startup_phases(stamps: dict[str, float], now: float) -> dict[str, float]:
+    """Seconds from the command to the first optimizer step, and per phase.
+
+    ``stamps`` are wall-clock times, ``<phase>_done_at``, taken by the driver (config, connect,
+    data, plan, tracking, ray) and by rank 0 (workers: Ray Train's controller, the worker group
+    and the process group; worker_data; worker_model: model, DDP, optimizer, restore, loader).
+    A phase lasts from the stamp before it to its own; on a cluster the driver's and rank 0's
+    clocks may differ a little.
+    """
+    order = sorted((t, k) for k, t in {**stamps, "first_step_done_at": now}.items() if k.endswith("_done_at"))
+    phases, last = {}, stamps["launched_at"]
+    for t, k in order:
+        phases[f"startup_{k.removesuffix('_done_at')}_s"] = t - last
+        last = t
+    return {"time_to_first_step_s": now - stamps["launched_at"], **phases}
+
+
+class NoiseScaleHook(HookBase):
+    """The gradient noise scale (``launcher/noise.py``) from each step's local and global gradient norms.
+
+    This rank's squared norm rides the step's scalar all-reduce as ``noise_local_sq``; the global
+    one is the norm the step computed for clipping anyway.
+    """
+
+    def __init__(self, local_norm: LocalGradNorm, estimator: NoiseScale) -> None:
+        self.local_norm, self.estimator = local_norm, estimator
+        self.latest: dict[str, float] = {}
+
+    def before_train(self, trainer: Trainer) -> None:
+        trainer.scalars.register("noise_local_sq", self._local_sq)
+
+    def _local_sq(self) -> float:
+        return float(self.local_norm.sq) if self.local_norm.sq is not None else 0.0
+
+    def before_step(self, trainer: Trainer) -> None:
+        self.local_norm.reset()
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        norm = info.result.grad_norm
+        if norm is not None:
+            world = trainer.plan.world_size
+            self.latest = self.estimator.update(info.result.scalars["noise_local_sq"] / world, norm**2)
+
+
+class EMAHook(HookBase):
+    """An exponential moving average of the weights (and BN statistics), updated after every step."""
+
+    def __init__(self, ema: AveragedModel) -> None:
+        self.ema = ema
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        self.ema.update_parameters(trainer.raw_model)
+
+
+class Metrics(HookBase):
+    """The metrics window: per-term losses over the steps since the last log, throughput, lr.
+
+    At each log step (and the last): one all-reduce of the window's loss sums, then the
+    tracker, the console line and Ray Train's report. Throughput counts training time only
+    (``Trainer.clock``: evaluation and checkpoints pause it).
+    """
+
+    def __init__(self, log_every: int, report: Report, extras: list[Callable[[], dict[str, float]]]) -> None:
+        self.log_every, self.report, self.extras = log_every, report, extras
+        self._reset(0.0)
+
+    def _reset(self, now: float) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.steps, self.since = 0, now
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._reset(trainer.clock.seconds())
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        for k, v in info.result.sums.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+            self.counts[k] = self.counts.get(k, 0) + info.result.totals[k]
+        self.steps += 1
+        if info.done % self.log_every and not info.last:
+            return
+        now = trainer.clock.seconds()
+        metrics = self._metrics(trainer.plan, info, now - self.since)
+        trainer.tracker.log_metrics(metrics, info.done)
+        trainer.say(self._line(trainer.plan, info.done, metrics, now - self.since))
+        self.report(info.done, metrics)
+        trainer.metrics = metrics
+        self._reset(now)
+
+    def _metrics(self, plan: Plan, info: StepInfo, elapsed: float) -> dict[str, float]:
+        keys = sorted(self.sums)
+        reduced = all_sum(torch.stack([self.sums[k] for k in keys]))
+        metrics = {k: float(reduced[i] / self.counts[k]) for i, k in enumerate(keys)}
+        metrics["loss"] = float(sum(metrics[k] for k in keys))
+        metrics["lr"] = info.lr
+        metrics["samples_per_s"] = plan.global_batch * self.steps / elapsed
+        metrics["grad_accum"] = plan.grad_accum * info.result.parts
+        metrics["micro_batch"] = -(-plan.micro_batch // info.result.parts)
+        for extra in self.extras:
+            metrics.update(extra())
+        return metrics
+
+    def _line(self, plan: Plan, done: int, metrics: dict[str, float], elapsed: float) -> str:
+        terms = " ".join(f"{k} {metrics[k]:.3f}" for k in sorted(self.sums))
+        noise = f" | noise scale {metrics['noise_scale']:.4g}" if "noise_scale" in metrics else ""
+        eta = (plan.max_steps - done) * elapsed / self.steps
+        return (
+            f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({terms}) | "
+            f"lr {metrics['lr']:.3g}{noise} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s"
+        )
+
+
+class Evaluate(HookBase):
+    """Evaluation every ``eval_every`` steps and at the end: the model, and its EMA on the same samples."""
+
+    def __init__(self, eval_every: int, evaluate: Callable[[nn.Module], dict[str, float]], ema: nn.Module | None):
+        self.eval_every, self.evaluate, self.ema = eval_every, evaluate, ema
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        if not every(self.eval_every, info):
+            return
+        with trainer.clock.paused():
+            results = self.evaluate(trainer.model)
+            if self.ema is not None:
+                averaged = self.evaluate(self.ema)
+                results.update({k.replace("eval_", "eval_ema_", 1): v for k, v in averaged.items()})
+        trainer.tracker.log_metrics(results, info.done)
+        trainer.say(f"eval at step {info.done}: " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        trainer.metrics.update(results)
+
+
+class PeriodicCheckpoint(HookBase):
+    """A checkpoint every ``checkpoint_every`` steps and at the end (a graceful stop included)."""
+
+    def __init__(self, checkpoint_every: int, save: Callable[[int, dict[str, float]], None]) -> None:
+        self.checkpoint_every, self.save = checkpoint_every, save
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        if not every(self.checkpoint_every, info):
+            return
+        with trainer.clock.paused():
+            sync_buffers(trainer.model)
+            self.save(info.done, trainer.metrics)
+        trainer.say(f"checkpoint at step {info.done}")
+
+
+class GracefulStop(HookBase):
+    """A stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``) ends the run after the current step.
+
+    Rank 0 polls (``poll``); the answer rides the step's scalar all-reduce as ``stop``, so every
+    rank stops at the same step. Every rank registers it, so the reduction has the same shape.
+    """
+
+    def __init__(self, poll: Callable[[], bool] | None) -> None:
+        self.poll = poll
+
+    def before_train(self, trainer: Trainer) -> None:
+        trainer.scalars.register("stop", lambda: float(self.poll()) if self.poll is not None else 0.0)
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        if info.stop:
+            trainer.say(
+                f"stopped at step {info.done} of {trainer.plan.max_steps} as asked; the checkpoint above resumes it"
+            )
+
+
+def build_hooks(
+    *,
+    log_every: int,
+    eval_every: int,
+    checkpoint_every: int,
+    report: Report,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    save: Callable[[int, dict[str, float]], None],
+    poll: Callable[[], bool] | None,
+    startup: dict[str, float] | None = None,
+    ema: AveragedModel | None = None,
+    noise: tuple[LocalGradNorm, NoiseScale] | None = None,
+) -> list[HookBase]:
+    """The hooks of a training run, in the order they run after each step."""
+    hooks: list[HookBase] = []
+    if startup is not None:  # first: the first step's time, before other hooks add theirs
+        hooks.append(StartupTiming(startup))
+    noise_hook = NoiseScaleHook(*noise) if noise is not None else None
+    if noise_hook is not None:  # before Metrics: its estimate goes into this step's log line
+        hooks.append(noise_hook)
+    if ema is not None:  # before Evaluate: the averaged weights include this step
+        hooks.append(EMAHook(ema))
+    # the log line, then evaluation (which adds to the metrics), then the checkpoint (which
+    # reports those metrics to Ray with it), then the stop message below the checkpoint line
+    extras: list[Callable[[], dict[str, float]]] = [lambda: noise_hook.latest] if noise_hook is not None else []
+    hooks.append(Metrics(log_every, report, extras))
+    hooks.append(Evaluate(eval_every, evaluate, ema))
+    hooks.append(PeriodicCheckpoint(checkpoint_every, save))
+    hooks.append(GracefulStop(poll))
+    return hooks
+
+
+def back_off_notice(plan: Plan, tracker: Tracker, say: Callable[[str], None]) -> Callable[[dict[str, Any]], None]:
+    """What ``DDPStep`` calls after an out-of-memory back-off: the console line and an ``oom/step_N.json`` record."""
+
+    def notice(event: dict[str, Any]) -> None:
+        reason = (
+            f"out of memory at micro-batch {event['size']} (step {event['step']}): retrying the step at micro-batch "
+            f"{event['micro_batch']} x accumulation {event['grad_accum']} x world {plan.world_size}; "
+            f"global batch {plan.global_batch} unchanged"
+        )
+        say(reason)
+        record = {k: event[k] for k in ("step", "micro_batch", "grad_accum")}
+        tracker.log_dict({**record, "reason": reason}, f"oom/step_{event['step']}.json")
+
+    return notice

@@ -1,0 +1,288 @@
+"""One optimizer step: a step object chosen once per run (DDP or DeepSpeed), and what it shares.
+
+Batch arithmetic (see launcher/planner.py): each optimizer step consumes ``global_batch =
+micro_batch x grad_accum x world_size`` samples. A recipe's model returns loss *sums* (e.g.
+summed cross-entropy over masked tokens); ``normalized_loss`` divides each by the number of
+units (tokens, sentences, images) in the whole global batch, counted before the first
+micro-step and all-reduced once (``global_counts``). Because DDP averages gradients over
+ranks, each rank scales its loss by the world size. The result is the gradient of the
+global-batch mean, exactly, however the batch is split and however many tokens each
+micro-batch holds.
+
+Collectives per step, beyond DDP's (or ZeRO's) own gradient reduction: two. The unit counts
+before the micro-steps, and the step's named scalars (``StepScalars``: out-of-memory, a
+graceful stop, the noise scale's local norm) after them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+Count = Callable[[Batch], dict[str, int]]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def split(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` cut into up to ``parts`` non-empty pieces along the sample dimension."""
+    cut = {k: v.tensor_split(parts) for k, v in batch.items()}
+    pieces = [{k: cut[k][i] for k in batch} for i in range(parts)]
+    return [p for p in pieces if batch_size(p)]
+
+
+def batch_size(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def global_counts(micro_batches: list[Batch], count: Count, device: torch.device) -> dict[str, torch.Tensor]:
+    """Units (tokens, pairs, images) per loss term in the whole global batch: one all-reduce."""
+    keys = sorted(count(micro_batches[0]))
+    local = torch.tensor([[count(b)[k] for k in keys] for b in micro_batches], dtype=torch.float64).sum(0)
+    return dict(zip(keys, all_sum(local.to(device)).clamp(min=1), strict=True))
+
+
+def normalized_loss(out: dict[str, torch.Tensor], totals: dict[str, torch.Tensor], world: int) -> torch.Tensor:
+    """The micro-batch's share of the global-batch mean loss (times ``world``: DDP averages over ranks)."""
+    return sum(out[k] / totals[k] for k in out) * world  # type: ignore[return-value]
+
+
+class StepScalars:
+    """Scalars every rank contributes to once per step, summed over ranks in one all-reduce.
+
+    A hook registers a name and a source (a function returning this rank's value, called at
+    the reduction); the step object adds its own (``oom``) and reduces after the backward
+    passes, before the optimizer step. ``values`` then holds the sums by name.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[str, Callable[[], float]] = {}
+        self.values: dict[str, float] = {}
+
+    def register(self, name: str, source: Callable[[], float]) -> None:
+        if name in self._sources or name == "oom":
+            raise ValueError(f"step scalar {name!r} is registered twice")
+        self._sources[name] = source
+
+    def reduce(self, device: torch.device, **local: float) -> dict[str, float]:
+        names = [*local, *self._sources]
+        mine = [*local.values(), *(source() for source in self._sources.values())]
+        summed = all_sum(torch.tensor(mine, dtype=torch.float64, device=device)).tolist()
+        self.values = dict(zip(names, summed, strict=True))
+        return self.values
+
+
+@dataclass
+class StepResult:
+    sums: dict[str, torch.Tensor]  # this rank's loss sums per term
+    totals: dict[str, torch.Tensor]  # the global batch's unit counts per term
+    scalars: dict[str, float] = field(default_factory=dict)  # StepScalars.values, summed over ranks
+    grad_norm: float | None = None  # the all-reduced gradient's norm, when clipping or a hook needed it
+    parts: int = 1  # each planned micro-batch was cut into this many (after out-of-memory back-offs)
+
+
+class BackOff(Exception):
+    """Raised inside a DDP step when any rank ran out of memory: no step was taken."""
+
+
+class DDPStep:
+    """One optimizer step through a (DDP) model: accumulation, clipping, and out-of-memory back-off.
+
+    An out-of-memory on any rank is learned by all from the step's scalar all-reduce; every
+    rank then cuts each planned micro-batch in two (``parts`` doubles: micro-batch halves,
+    accumulation doubles, the global batch and the loss normalization are unchanged) and
+    retries the same step. DDP's only collective is the all-reduce in the final micro-step's
+    backward (the worker turns off DDP's per-forward buffer broadcast), so a rank that ran out
+    skips its remaining micro-batches and runs the final one on a single sample with a zero
+    loss: its all-reduce lines up with the others'.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        count: Count,
+        scalars: StepScalars,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        grad_clip: float | None = None,
+        need_grad_norm: bool = False,
+        on_back_off: Callable[[dict[str, Any]], None] = lambda _event: None,
+        guard: Callable[[nn.Module], AbstractContextManager[Any]] = lambda _m: nullcontext(),
+    ) -> None:
+        self.model, self.optimizer, self.count, self.scalars = model, optimizer, count, scalars
+        self.device, self.precision, self.grad_clip = device, precision, grad_clip
+        self.need_grad_norm, self.on_back_off, self.guard = need_grad_norm, on_back_off, guard
+        self.no_sync = getattr(model, "no_sync", None)
+        self.world = world_size()
+        self.parts = 1  # each planned micro-batch is cut into this many after out-of-memory back-offs
+
+    def __call__(self, micro_batches: list[Batch], step: int) -> StepResult:
+        """Step ``step`` (0-based) over this rank's micro-batches, retried smaller after an out-of-memory."""
+        while True:
+            pieces = micro_batches if self.parts == 1 else [p for b in micro_batches for p in split(b, self.parts)]
+            try:
+                return self.attempt(pieces)
+            except BackOff:
+                self._back_off(max(batch_size(b) for b in pieces), step + 1, micro_batches)
+
+    def attempt(self, micro_batches: list[Batch]) -> StepResult:
+        """One try: forward/backward over every micro-batch, the scalars' all-reduce, then the optimizer."""
+        totals = global_counts(micro_batches, self.count, self.device)
+        sums: dict[str, torch.Tensor] = {}
+        oom = False
+        for i, batch in enumerate(micro_batches):
+            final = i == len(micro_batches) - 1
+            if oom and not final:
+                continue
+            with nullcontext() if final or self.no_sync is None else self.no_sync():
+                if not oom:
+                    oom = self._forward_backward(batch, totals, sums, final)
+                if oom and final and self.no_sync is not None:
+                    self._stand_in(batch)
+        flags = self.scalars.reduce(self.device, oom=float(oom))
+        if flags["oom"]:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise BackOff
+        result = StepResult(sums, {k: totals[k] for k in sums}, flags, parts=self.parts)
+        if self.grad_clip or self.need_grad_norm:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if self.grad_clip:
+                nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+            result.grad_norm = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    def _forward_backward(
+        self, batch: Batch, totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], final: bool
+    ) -> bool:
+        """One micro-step; True when it ran out of memory (before DDP's all-reduce could start)."""
+        try:
+            with autocast(self.device, self.precision), self.guard(self.model):
+                out = self.model(to_device(batch, self.device))
+                loss = normalized_loss(out, totals, self.world)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return True
+        try:
+            loss.backward()
+        except torch.OutOfMemoryError as e:
+            if final and self.no_sync is not None:  # DDP is mid all-reduce: ranks cannot be realigned
+                raise RuntimeError(
+                    f"out of memory in the gradient-synchronizing backward at micro-batch {batch_size(batch)}; "
+                    "the last checkpoint is intact: rerun with a smaller batch.micro_batch"
+                ) from e
+            return True
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach().double()
+        return False
+
+    def _stand_in(self, batch: Batch) -> None:
+        """A zero-loss backward on one sample, so DDP's all-reduce matches the other ranks'."""
+        with autocast(self.device, self.precision):
+            out = self.model(to_device(split(batch, batch_size(batch))[0], self.device))
+            loss = sum(v * 0.0 for v in out.values())
+        loss.backward()  # type: ignore[union-attr]
+
+    def _back_off(self, size: int, step: int, planned: list[Batch]) -> None:
+        """After an OOM on any rank: cut micro-batches in two, double accumulation; global batch unchanged."""
+        if size == 1:
+            raise RuntimeError(
+                f"out of memory at micro-batch 1 (step {step}): the model states alone do not fit; "
+                "try engine=deepspeed (action=plan says which ZeRO stage fits) or a smaller model"
+            )
+        self.parts *= 2
+        micro = -(-max(batch_size(b) for b in planned) // self.parts)
+        accum = len(planned) * self.parts
+        self.on_back_off({"step": step, "size": size, "micro_batch": micro, "grad_accum": accum})
+
+
+class DeepSpeedStep:
+    """One optimizer step through a DeepSpeed engine, with the same loss normalization as ``DDPStep``.
+
+    The engine counts micro-steps: ``engine.step()`` after each backward runs the (ZeRO)
+    gradient reduction, clipping (``gradient_clipping`` in its config) and the optimizer only
+    at the accumulation boundary. ``scale_wrt_gas=False``: the loss is already divided by the
+    global batch's units, as for DDP. Precision is DeepSpeed's (``bf16`` in its config). No
+    out-of-memory back-off: DeepSpeed's batch sizes are fixed in its config.
+    """
+
+    parts = 1
+
+    def __init__(self, engine: Any, count: Count, scalars: StepScalars, *, device: torch.device) -> None:
+        self.engine, self.count, self.scalars, self.device = engine, count, scalars, device
+        self.world = world_size()
+
+    def __call__(self, micro_batches: list[Batch], step: int) -> StepResult:
+        totals = global_counts(micro_batches, self.count, self.device)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            out = self.engine(to_device(batch, self.device))
+            self.engine.backward(normalized_loss(out, totals, self.world), scale_wrt_gas=False)
+            self.engine.step()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
+        flags = self.scalars.reduce(self.device)
+        return StepResult(sums, {k: totals[k] for k in sums}, flags)
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running stats) on every rank, before eval and checkpoints."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in getattr(model, "module", model).buffers():
+            dist.broadcast(b, 0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[Batch], count: Count, device: torch.device, precision: str, keys: list[str]
+) -> dict[str, float]:
+    """Mean of each metric in ``keys`` (as the model returns it in eval mode) over all ranks' shares."""
+    sync_buffers(model)
+    module = getattr(model, "module", model)  # no DDP forward: ranks may hold different counts
+    module.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for batch in batches:
+        with autocast(device, precision):
+            out = module(to_device(batch, device))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0.0) + count(batch)[k]
+    module.train()
+    both = all_sum(
+        torch.tensor(
+            [sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys], dtype=torch.float64, device=device
+        )
+    )
+    n = len(keys)
+    return {f"eval_{k}": float(both[i] / both[n + i].clamp(min=1)) for i, k in enumerate(keys)}

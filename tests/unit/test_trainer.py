@@ -1,0 +1,365 @@
+"""The Trainer without Ray: a tiny model on CPU, the real step objects, hooks and checkpointer.
+
+Where a collective matters (an out-of-memory on one rank only), two local processes run
+``torch.distributed`` with gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from launcher import checkpoint, hooks
+from launcher.faults import Faults
+from launcher.noise import NoiseScale
+from launcher.optim import build_optimizer, build_scheduler
+from launcher.planner import Hardware, MemoryProfile, Plan, plan, request_from_config
+from launcher.step import Batch, DDPStep, StepScalars, batch_size
+from launcher.trainer import HookBase, StepInfo, Trainer
+from tests.conftest import ROOT
+
+FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint_v1"
+
+
+class Tiny(nn.Sequential):
+    """Linear -> BatchNorm -> Linear (the fixture's model): loss sums out, as a recipe's model returns them."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"mse": (super().forward(batch["x"]) - batch["y"]).pow(2).sum()}
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def count(batch: Batch) -> dict[str, int]:
+    return {"mse": batch_size(batch)}
+
+
+def stream(micro: int, seed: int = 1) -> Iterator[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield {"x": torch.randn(micro, 4, generator=g), "y": torch.randn(micro, 2, generator=g)}
+
+
+def tiny_plan(max_steps: int = 6, micro: int = 4, accum: int = 2) -> Plan:
+    from launcher.cli import load
+
+    cfg = load([
+        "recipe=imagenet", "scale=smoke", f"train.max_steps={max_steps}", f"batch.global_batch={micro * accum}",
+        f"batch.micro_batch={micro}", "optim.lr=0.1", "train.warmup_steps=2",
+        "planner.memory.model_gb=0.01", "planner.memory.per_sample_gb=0.001",
+    ])
+    hw = Hardware(nodes=1, devices_per_node=1, device_memory_gb=8.0, device="cpu")
+    return plan(request_from_config(cfg), hw, MemoryProfile.from_total(0.01, 0.001, source="override"))
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def trainer(p: Plan, hook_list: list[HookBase], model: nn.Module | None = None, **step_kw: Any) -> Trainer:
+    model = model or tiny()
+    optimizer = build_optimizer(model, p, _optim())
+    scalars = StepScalars()
+    step = DDPStep(model, optimizer, count, scalars, device=torch.device("cpu"), **step_kw)
+    return Trainer(model=model, step_fn=step, scheduler=build_scheduler(optimizer, p), batches=stream(p.micro_batch),
+                   plan=p, start_step=0, hooks=hook_list, tracker=Recorder(), say=lambda _m: None, scalars=scalars)
+
+
+def _optim() -> Any:
+    from launcher.config import Optim
+
+    return Optim()
+
+
+class Recorder:
+    """A tracker that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.dicts: list[tuple[dict[str, Any], str]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.dicts.append((data, name))
+
+    def close(self) -> None:
+        pass
+
+
+def no_report(_step: int, _metrics: dict[str, float]) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- the loop and its hooks
+
+
+class Calls(HookBase):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.log.append(f"{self.name}.before_train")
+
+    def before_step(self, trainer: Trainer) -> None:
+        self.log.append(f"{self.name}.before_step")
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        self.log.append(f"{self.name}.after_step {info.done}{' last' if info.last else ''}")
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.log.append(f"{self.name}.after_train")
+
+
+def test_fit_calls_hooks_in_their_order_around_each_step() -> None:
+    log: list[str] = []
+    trainer(tiny_plan(max_steps=2), [Calls("a", log), Calls("b", log)]).fit()
+    assert log == [
+        "a.before_train", "b.before_train",
+        "a.before_step", "b.before_step", "a.after_step 1", "b.after_step 1",
+        "a.before_step", "b.before_step", "a.after_step 2 last", "b.after_step 2 last",
+        "a.after_train", "b.after_train",
+    ]
+
+
+def test_build_hooks_order() -> None:
+    ema = AveragedModel(tiny())
+    from launcher.noise import LocalGradNorm
+
+    built = hooks.build_hooks(
+        log_every=1, eval_every=0, checkpoint_every=0, report=no_report, evaluate=lambda _m: {},
+        save=lambda _s, _m: None, poll=None, startup={"launched_at": 0.0}, ema=ema,
+        noise=(LocalGradNorm(), NoiseScale(b_small=1, b_big=2)),
+    )
+    assert [type(h).__name__ for h in built] == [
+        "StartupTiming", "NoiseScaleHook", "EMAHook", "Metrics", "Evaluate", "PeriodicCheckpoint", "GracefulStop",
+    ]
+    plain = hooks.build_hooks(log_every=1, eval_every=0, checkpoint_every=0, report=no_report,
+                              evaluate=lambda _m: {}, save=lambda _s, _m: None, poll=None)
+    assert [type(h).__name__ for h in plain] == ["Metrics", "Evaluate", "PeriodicCheckpoint", "GracefulStop"]
+
+
+def test_metrics_hook_logs_the_global_batch_mean_at_log_steps_and_the_end() -> None:
+    p = tiny_plan(max_steps=5)
+    t = trainer(p, hooks.build_hooks(log_every=2, eval_every=0, checkpoint_every=0, report=no_report,
+                                     evaluate=lambda _m: {"eval_mse": 1.0}, save=lambda _s, _m: None, poll=None))
+    t.fit()
+    logged = [(s, m) for s, m in t.tracker.metrics if "loss" in m]  # type: ignore[attr-defined]
+    assert [s for s, _ in logged] == [2, 4, 5]
+    assert all(m["samples_per_s"] > 0 and m["micro_batch"] == 4 and m["grad_accum"] == 2 for _, m in logged)
+    assert all(m["loss"] == m["mse"] for _, m in logged)
+    assert t.metrics["eval_mse"] == 1.0  # the last evaluation joined the last metrics
+
+
+def test_ema_hook_averages_the_weights_after_every_step() -> None:
+    p = tiny_plan(max_steps=3)
+    model = tiny()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    snapshots: list[torch.Tensor] = []
+
+    class Snap(HookBase):
+        def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+            snapshots.append(flat(trainer.raw_model).clone())
+
+    trainer(p, [Snap(), hooks.EMAHook(ema)], model=model).fit()
+    expected = snapshots[0]  # AveragedModel copies the first update, then averages
+    for s in snapshots[1:]:
+        expected = 0.5 * expected + 0.5 * s
+    torch.testing.assert_close(flat(ema.module), expected)
+
+
+def test_graceful_stop_ends_after_the_step_with_a_checkpoint() -> None:
+    p = tiny_plan(max_steps=10)
+    asked = iter([False, False, True])
+    saved: list[int] = []
+    lines: list[str] = []
+    t = trainer(p, hooks.build_hooks(log_every=5, eval_every=0, checkpoint_every=0, report=no_report,
+                                     evaluate=lambda _m: {}, save=lambda s, _m: saved.append(s),
+                                     poll=lambda: next(asked)))
+    t.say = lines.append
+    t.fit()
+    assert saved == [3]  # the stop step is the last: checkpointed there, not at 10
+    assert "stopped at step 3 of 10 as asked; the checkpoint above resumes it" in lines
+    assert lines.index("checkpoint at step 3") < lines.index(
+        "stopped at step 3 of 10 as asked; the checkpoint above resumes it")
+
+
+# ---------------------------------------------------------------- out-of-memory back-off
+
+
+class Lin(nn.Module):
+    """No BatchNorm: any split of the batch gives the same gradient, so back-offs can be checked exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"mse": (self.net(batch["x"]) - batch["y"]).pow(2).sum()}
+
+
+def lin() -> nn.Module:
+    torch.manual_seed(0)
+    return Lin()
+
+
+def saved_per_sample() -> int:
+    """Bytes autograd saves per sample in Lin's forward, counted as the injection counts them."""
+    from launcher.memory import SavedBytes
+
+    model = lin()
+    saved = SavedBytes(model.parameters())
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        model(next(stream(4)))
+    return saved.total // 4
+
+
+def test_oom_back_off_halves_the_micro_batch_and_keeps_the_step_exact() -> None:
+    p = tiny_plan(max_steps=2, micro=8, accum=1)
+    reference = trainer(p, [], model=lin())
+    reference.fit()
+    events: list[dict[str, Any]] = []
+    limit = Faults(memory_limit=5 * saved_per_sample())  # 4 samples fit, 8 do not
+    backed = trainer(p, [], model=lin(), guard=limit.memory_guard, on_back_off=events.append)
+    backed.fit()
+    assert [(e["step"], e["size"], e["micro_batch"], e["grad_accum"]) for e in events] == [(1, 8, 4, 2)]  # once
+    assert backed.step_fn.parts == 2  # type: ignore[attr-defined]
+    torch.testing.assert_close(flat(backed.model), flat(reference.model))  # same samples, same gradient
+
+
+def test_oom_back_off_notice_says_what_changed() -> None:
+    p = tiny_plan(max_steps=1, micro=8, accum=1)
+    tracker, lines = Recorder(), list[str]()
+    hooks.back_off_notice(p, tracker, lines.append)({"step": 1, "size": 8, "micro_batch": 4, "grad_accum": 2})
+    assert lines == ["out of memory at micro-batch 8 (step 1): retrying the step at micro-batch 4 x accumulation 2 "
+                     "x world 1; global batch 8 unchanged"]
+    assert tracker.dicts[0][1] == "oom/step_1.json" and tracker.dicts[0][0]["micro_batch"] == 4
+
+
+def _one_rank_runs_out(rank: int, port: int, limit: int, out: dict) -> None:  # type: ignore[type-arg]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = nn.parallel.DistributedDataParallel(lin())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    events: list[dict[str, Any]] = []
+    guard = Faults(memory_limit=limit if rank == 1 else 0).memory_guard  # only rank 1 runs out
+    step = DDPStep(model, opt, count, StepScalars(), device=torch.device("cpu"), on_back_off=events.append,
+                   guard=guard)
+    step([next(stream(4, seed=10 + rank))], 0)
+    out[rank] = (flat(model.module), step.parts, len(events))
+    dist.destroy_process_group()
+
+
+def test_an_oom_on_one_rank_backs_off_every_rank_together() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_one_rank_runs_out, args=(port, 3 * saved_per_sample(), out), nprocs=2, join=True)
+    (w0, parts0, n0), (w1, parts1, n1) = out[0], out[1]
+    assert (parts0, parts1) == (2, 2) and (n0, n1) == (1, 1)  # both learned it from the one all-reduce
+    single = lin()
+    both = {k: torch.cat([next(stream(4, seed=10))[k], next(stream(4, seed=11))[k]]) for k in ("x", "y")}
+    DDPStep(single, torch.optim.SGD(single.parameters(), lr=0.1), count, StepScalars(),
+            device=torch.device("cpu"))([both], 0)
+    torch.testing.assert_close(w0, w1)  # the same step on both ranks
+    torch.testing.assert_close(w0, flat(single))  # and the step of the whole global batch in one process
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def parts_of(model: nn.Module, p: Plan) -> dict[str, checkpoint.Stateful]:
+    optimizer = build_optimizer(model, p, _optim())
+    return {
+        "model": model, "optimizer": optimizer, "scheduler": build_scheduler(optimizer, p), "rng": checkpoint.RNG(),
+        "ema": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True),
+        "noise_scale": NoiseScale(b_small=4, b_big=8),
+    }
+
+
+def advance(parts: dict[str, Any], steps: int) -> None:
+    model = parts["model"]
+    batches = stream(8, seed=3)
+    for _ in range(steps):
+        model(next(batches))["mse"].backward()
+        parts["optimizer"].step()
+        parts["optimizer"].zero_grad(set_to_none=True)
+        parts["scheduler"].step()
+        parts["ema"].update_parameters(model)
+        parts["noise_scale"].update(2.0, 1.0)
+
+
+def same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def test_every_stateful_part_round_trips(tmp_path: Path) -> None:
+    p = tiny_plan()
+    parts = parts_of(tiny(), p)
+    advance(parts, 3)
+    before = {name: part.state_dict() for name, part in parts.items()}
+    saver = checkpoint.Checkpointer(parts, {}, recipe="tiny", plan={"world_size": 1}, rank=0, world=1)
+    saver.save(tmp_path / "checkpoint_1", step=3)
+    torch.manual_seed(99)  # the RNG state too must come back
+    fresh = parts_of(Tiny(), p)
+    found = checkpoint.Checkpointer(fresh, {}, recipe="tiny", plan={}, rank=0, world=1).restore(
+        [str(tmp_path / "checkpoint_1")], warn=print)
+    assert found is not None and found[1]["step"] == 3 and found[1]["format"] == checkpoint.FORMAT
+    for name, part in fresh.items():
+        assert same_state(part.state_dict(), before[name]), name
+
+
+def test_a_checkpoint_of_the_old_layout_restores(tmp_path: Path) -> None:
+    """``tests/fixtures/checkpoint_v1`` was written by launcher 08cb4ac (its README has the script)."""
+    raw = torch.load(FIXTURE / "state.pt", weights_only=True)
+    assert "format" not in raw and "model" in raw  # the old layout: parts at the top level
+    p = tiny_plan()
+    fresh = parts_of(tiny(), p)
+    found = checkpoint.Checkpointer(fresh, {}, recipe="tiny", plan={}, rank=0, world=2).restore(
+        [str(FIXTURE)], warn=print)
+    assert found is not None and found[1]["step"] == 3 and found[1]["plan"]["world_size"] == 2
+    for name in ("model", "optimizer", "scheduler", "ema", "noise_scale", "rng"):
+        assert same_state(fresh[name].state_dict(), raw[name]), name
+    assert fresh["scheduler"].last_epoch == 3  # type: ignore[attr-defined]
+
+
+def test_a_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
+    p = tiny_plan()
+    with pytest.raises(checkpoint.CheckpointMismatch, match="from recipe 'tiny', not 'bert'"):
+        checkpoint.Checkpointer(parts_of(tiny(), p), {}, recipe="bert", plan={}, rank=0, world=2).restore(
+            [str(FIXTURE)], warn=print)
+
+
+def test_shards_restore_only_on_the_world_they_were_split_over(tmp_path: Path) -> None:
+    p = tiny_plan()
+    shard = NoiseScale(b_small=1, b_big=2)  # any Stateful stands in for a ZeRO partition
+    checkpoint.Checkpointer({}, {"zero": shard}, recipe="tiny", plan={"world_size": 2}, rank=0, world=2).save(
+        tmp_path / "c", step=1)
+    assert (tmp_path / "c" / "zero_rank0.pt").exists()
+    other = checkpoint.Checkpointer(parts_of(tiny(), p), {"zero": shard}, recipe="tiny", plan={}, rank=0, world=3)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="split over 2 workers, this run has 3"):
+        other.restore([str(tmp_path / "c")], warn=print)
