@@ -3,9 +3,13 @@
 For each model and budget:
 
 - **exhaustive**: the true maximum (to within 2%), by doubling then bisection, each size in a fresh
-  process running 2 optimizer steps (the second with optimizer state allocated) under the budget;
+  process running 2 optimizer steps (the second with optimizer state allocated) under the budget; a
+  size counts as over the budget only when a second fresh process fails at it too (a capped process
+  now and then crashes outside torch at a size that fits, and one such failure would lower the
+  maximum found); every trial is in the JSON (``sizes``), disagreeing ones in ``flaky_sizes``;
 - **planner**: the launcher's memory bound (``plan.max_micro_batch``) from its device-free
-  estimate (no training step), then checked by running that size in a fresh capped process;
+  estimate (no training step), then checked by running that size in a fresh capped process (a
+  failure checked once more, as above);
 - **lightning**: ``Tuner.scale_batch_size`` (defaults: ``mode="power"``, 3 steps per trial), and
   its ``mode="binsearch"``;
 - **accelerate**: ``find_executable_batch_size`` (default start 128, x0.9 per OOM) around a
@@ -19,7 +23,10 @@ torch's CPU allocator with ``DefaultCPUAllocator: can't allocate memory``, the e
 Lightning and Accelerate catch as an out-of-memory. Params, grads, optimizer state, activations,
 temporaries and everything else the process maps count against the budget, as on a GPU. oneDNN's
 primitive caches are off (they keep scratch memory per input shape after an out-of-memory, which
-would make every in-process retry fail; a GPU's allocator gives such memory back).
+would make every in-process retry fail; a GPU's allocator gives such memory back). A capped process
+that dies without a result (a crash, e.g. a library calling through a pointer it failed to load under
+the cap, not an out-of-memory) is run once more in a new process; the first death is kept
+(``retried``).
 
     python bench/batch_finders.py                    # every scenario -> bench/results/batch_finders.json
     python bench/batch_finders.py --scenario=cnn --budget=0.25 --override recipe.train_crop=32 --out=/tmp/x.json
@@ -130,6 +137,10 @@ def _vm(field: str) -> int:
     raise KeyError(field)
 
 
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
 def _forked(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``body()`` in a forked child, its result pickled back. The parent never runs torch ops, so
     no OpenMP pool exists at fork time (a child forked after one can hang)."""
@@ -155,8 +166,17 @@ def _forked(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _capped(setup: Setup, budget_gb: float, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """In a forked child: warm up, cap the address space at its current size + budget, run ``body``."""
+    """In a forked child: warm up, cap the address space at its current size + budget, run ``body``.
 
+    A child that dies without a result (a crash outside torch, not an out-of-memory, which ``body`` catches)
+    is run once more, in a new child; the first death is kept in the result under ``"retried"``."""
+    result = _forked(_capped_child(setup, budget_gb, body))
+    if result.get("died"):
+        result = {**_forked(_capped_child(setup, budget_gb, body)), "retried": result["error"]}
+    return result
+
+
+def _capped_child(setup: Setup, budget_gb: float, body: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
     def child() -> dict[str, Any]:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so big blocks are mapped and unmapped
@@ -166,15 +186,17 @@ def _capped(setup: Setup, budget_gb: float, body: Callable[[], dict[str, Any]]) 
         setup.steps(model, setup.optimizer(model), 2, [0])  # warm-up: thread pools, kernels
         del model
         gc.collect()
-        base = _vm("VmSize")
+        base, threads = _vm("VmSize"), _threads()
         resource.setrlimit(resource.RLIMIT_AS, (base + int(budget_gb * GB), resource.RLIM_INFINITY))
         started = time.perf_counter()
         result = body()
         result["seconds"] = time.perf_counter() - started
         result["peak_gb"] = (_vm("VmPeak") - base) / GB
+        result["base_gb"] = base / GB
+        result["threads"] = [threads, _threads()]  # at the cap and at the end: none started under the cap
         return result
 
-    return _forked(child)
+    return child
 
 
 def is_oom(e: BaseException) -> bool:
@@ -191,7 +213,7 @@ def trial(setup: Setup, budget_gb: float, n: int) -> dict[str, Any]:
         except RuntimeError as e:
             if not is_oom(e):
                 raise
-            return {"n": n, "fits": False}
+            return {"n": n, "fits": False, "oom": str(e).splitlines()[0][-160:]}
         return {"n": n, "fits": True}
 
     return _capped(setup, budget_gb, body)
@@ -201,14 +223,21 @@ def exhaustive(setup: Setup, budget_gb: float) -> dict[str, Any]:
     """Doubling, then bisection; every size in its own fresh process (no state left by an OOM)."""
     started, trials = time.perf_counter(), []
 
-    def fits(n: int) -> bool:
+    def once(n: int) -> bool:
         r = trial(setup, budget_gb, n)
-        if r.get("died"):  # killed outright by an allocation that failed outside torch: it does not fit
-            r = {"n": n, "fits": False, "died": True}
+        if r.get("died"):  # killed outright (e.g. a crash in a library whose allocation failed outside torch)
+            r = {"n": n, "fits": False, "died": r["error"]}
         elif "error" in r:
             raise RuntimeError(r["error"])
-        trials.append(r)
+        trials.append({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
         return bool(r["fits"])
+
+    def fits(n: int) -> bool:
+        # A size too big for the budget fails every time (a fresh process allocates the same each time); a
+        # capped child can also fail now and then at a size that fits (it crashed in a library outside torch,
+        # SIGSEGV), and the bisection assumes monotonicity, so one such failure would lower the maximum.
+        # So a failure counts only when a second fresh process fails at that size too.
+        return once(n) or once(n)
 
     if not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
         return {"max": 0, "trials": len(trials), "steps": STEPS, "seconds": time.perf_counter() - started}
@@ -219,8 +248,9 @@ def exhaustive(setup: Setup, budget_gb: float) -> dict[str, Any]:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     peak = max((t["peak_gb"] for t in trials if t["fits"] and t["n"] == lo), default=None)
+    flaky = sorted({t["n"] for t in trials if not t["fits"]} & {t["n"] for t in trials if t["fits"]})
     return {"max": lo, "first_oom": hi, "trials": len(trials), "steps": STEPS * len(trials), "peak_gb_at_max": peak,
-            "seconds": time.perf_counter() - started}
+            "flaky_sizes": flaky, "seconds": time.perf_counter() - started, "sizes": trials}
 
 
 def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
@@ -247,7 +277,10 @@ def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
     if "error" in result:
         return result
     check = trial(setup, budget_gb, result["max"])
-    return {**result, "fits": check.get("fits"), "measured_peak_gb_at_max": check.get("peak_gb")}
+    if not check.get("fits"):  # as in the exhaustive search: an over-budget size fails a second time too
+        check = {**trial(setup, budget_gb, result["max"]), "first_check": check}
+    return {**result, "fits": check.get("fits"), "measured_peak_gb_at_max": check.get("peak_gb"),
+            "check": {k: v for k, v in check.items() if k != "fits"}}
 
 
 def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:

@@ -14,38 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.distributed as dist
-from ranks import finish  # bench/ranks.py (the script's folder is on sys.path)
+from ranks import bert_smoke, finish, paired_args, time_paired  # bench/ranks.py (the script's folder is on sys.path)
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
-from launcher.cli import load
-from launcher.data import StepBatches
 from launcher.noise import LocalGradNorm, NoiseScale
-from launcher.step import DDPStep, StepScalars
+from launcher.step import Batch, DDPStep, StepScalars
 from recipes import bert
+
+
+def local_sq(hook: LocalGradNorm) -> float:
+    return float(hook.sq) if hook.sq is not None else 0.0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--micro", type=int, default=8)
-    ap.add_argument("--accum", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--cache", required=True)
-    args = ap.parse_args()
-
-    dist.init_process_group("gloo")
+    args = paired_args(ap)
+    cfg, batches = bert_smoke(args)
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load(["scale=smoke"])
-    data = bert.build_data(cfg, Path(args.cache))
-    sampler = StepBatches(len(data.train), micro=args.micro, accum=args.accum, world=world, rank=rank, seed=0)
-    batches = iter(DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate))
     device = torch.device("cpu")
     steps = {}
     for name in ("plain", "noise"):
@@ -54,31 +43,22 @@ def main() -> None:
         scalars = StepScalars()
         if name == "noise":  # as launcher/hooks.py: NoiseScaleHook
             hook = LocalGradNorm.attach(model)
-            scalars.register("noise_local_sq", lambda h=hook: float(h.sq) if h.sq is not None else 0.0)
+            scalars.register("noise_local_sq", partial(local_sq, hook))
         steps[name] = DDPStep(model, torch.optim.AdamW(model.parameters(), lr=1e-4), bert.count, scalars,
                               device=device, grad_clip=1.0, need_grad_norm=name == "noise")
     estimator = NoiseScale(b_small=args.micro * args.accum, b_big=args.micro * args.accum * world)
 
-    times: dict[str, list[float]] = {"plain": [], "noise": []}
-    for step in range(args.warmup + args.steps):
-        micro = [next(batches) for _ in range(args.accum)]
-        order = ("plain", "noise") if step % 2 == 0 else ("noise", "plain")  # no side always goes first
-        for name in order:
-            dist.barrier()
-            started = time.perf_counter()
-            if name == "noise":
-                hook.reset()
-            result = steps[name](micro, step)
-            if name == "noise" and result.grad_norm is not None:
-                estimator.update(result.scalars["noise_local_sq"] / world, result.grad_norm**2)
-            if step >= args.warmup:
-                times[name].append(time.perf_counter() - started)
+    def run_noise(micro: list[Batch], step: int) -> None:
+        hook.reset()  # as NoiseScaleHook.before_step
+        result = steps["noise"](micro, step)
+        if result.grad_norm is not None:
+            estimator.update(result.scalars["noise_local_sq"] / world, result.grad_norm**2)
+
+    ms, ratio = time_paired(args, batches, {"plain": steps["plain"], "noise": run_noise})
     if rank == 0:
-        paired = [n / p for n, p in zip(times["noise"], times["plain"], strict=True)]
         print(json.dumps({
-            "step_ms_without": 1000 * statistics.median(times["plain"]),
-            "step_ms_with": 1000 * statistics.median(times["noise"]),
-            "overhead": statistics.median(paired) - 1,  # the median of per-step ratios, same micro-batches
+            "step_ms_without": ms["plain"], "step_ms_with": ms["noise"],
+            "overhead": ratio - 1,  # the median of per-step ratios, same micro-batches
             "steps": args.steps,
         }))
     finish()

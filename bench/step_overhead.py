@@ -14,21 +14,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.distributed as dist
-from ranks import finish  # bench/ranks.py (the script's folder is on sys.path)
+from ranks import bert_smoke, finish, paired_args, time_paired  # bench/ranks.py (the script's folder is on sys.path)
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
-from launcher.cli import load
-from launcher.data import StepBatches
-from launcher.step import DDPStep, StepScalars
+from launcher.step import Batch, DDPStep, StepScalars
 from recipes import bert
 
 
@@ -44,20 +39,10 @@ def old_loop(path: Path) -> ModuleType:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--old-loop", type=Path, required=True, help="launcher/loop.py of the commit to compare with")
-    ap.add_argument("--micro", type=int, default=8)
-    ap.add_argument("--accum", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--cache", required=True)
-    args = ap.parse_args()
-
+    args = paired_args(ap)
     old = old_loop(args.old_loop)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load(["scale=smoke", "recipe.model.dropout=0.0"])
-    data = bert.build_data(cfg, Path(args.cache))
-    sampler = StepBatches(len(data.train), micro=args.micro, accum=args.accum, world=world, rank=rank, seed=0)
-    batches = iter(DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate))
+    cfg, batches = bert_smoke(args, "recipe.model.dropout=0.0")
+    rank = dist.get_rank()
     device = torch.device("cpu")
     models = {}
     for name in ("old", "new"):
@@ -69,27 +54,16 @@ def main() -> None:
     new = DDPStep(*models["new"], bert.count, scalars, device=device, grad_clip=1.0)
     old_model, old_opt = models["old"]
 
-    times: dict[str, list[float]] = {"old": [], "new": []}
-    for step in range(args.warmup + args.steps):
-        micro = [next(batches) for _ in range(args.accum)]
-        for name in ("old", "new") if step % 2 == 0 else ("new", "old"):  # no side always goes first
-            dist.barrier()
-            started = time.perf_counter()
-            if name == "old":
-                old.train_step(old_model, old_opt, micro, bert.count, device=device, grad_clip=1.0, stop=False)
-            else:
-                new(micro, step)
-            if step >= args.warmup:
-                times[name].append(time.perf_counter() - started)
+    def run_old(micro: list[Batch], _step: int) -> None:
+        old.train_step(old_model, old_opt, micro, bert.count, device=device, grad_clip=1.0, stop=False)
+
+    ms, ratio = time_paired(args, batches, {"old": run_old, "new": new})
     same = all(torch.equal(a, b) for a, b in zip(old_model.parameters(), models["new"][0].parameters(), strict=True))
     if rank == 0:
-        paired = [n / o for n, o in zip(times["new"], times["old"], strict=True)]
         print(json.dumps({
-            "step_ms_old": 1000 * statistics.median(times["old"]),
-            "step_ms_new": 1000 * statistics.median(times["new"]),
-            "slowdown": statistics.median(paired) - 1,  # the median of per-step ratios, same micro-batches
-            "steps": args.steps,
-            "same_parameters": same,
+            "step_ms_old": ms["old"], "step_ms_new": ms["new"],
+            "slowdown": ratio - 1,  # the median of per-step ratios, same micro-batches
+            "steps": args.steps, "same_parameters": same,
         }))
     finish()
 

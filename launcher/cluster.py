@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,22 @@ def _client(cfg: Config) -> Any:
         ) from None
 
 
+AGENT_WAIT_S = 60.0  # a cluster that just started may not have a job agent yet
+
+
+def _submit_when_an_agent_is_up(client: Any, job: dict[str, Any]) -> str:
+    """``client.submit_job(**job)``; while the head answers that no job agent is up yet (a cluster
+    that just started), it is asked again for up to ``AGENT_WAIT_S``."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return str(client.submit_job(**job))
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def submit(cfg: Config, argv: list[str], tracking_uri: str, name: str) -> int:
     """``action=submit``: the same command as a Ray job under run ``name``; prints its id and how to follow it."""
     client = _client(cfg)
@@ -198,9 +215,9 @@ def submit(cfg: Config, argv: list[str], tracking_uri: str, name: str) -> int:
             "write it (use tracking=server tracking.uri=http://...)",
             flush=True,
         )
-    job_id = client.submit_job(
-        entrypoint="python -m launcher " + shlex.join(args),
-        runtime_env={
+    job = {
+        "entrypoint": "python -m launcher " + shlex.join(args),
+        "runtime_env": {
             "working_dir": str(ROOT),
             "excludes": EXCLUDES,
             "env_vars": {
@@ -209,8 +226,9 @@ def submit(cfg: Config, argv: list[str], tracking_uri: str, name: str) -> int:
                 "PYTHONUNBUFFERED": "1",
             },
         },
-        metadata={"launcher_run": name, "recipe": cfg.recipe.name},
-    )
+        "metadata": {"launcher_run": name, "recipe": cfg.recipe.name},
+    }
+    job_id = _submit_when_an_agent_is_up(client, job)
     address = client.get_address()
     follow = f"python -m launcher cluster=ray cluster.address={address} run.job_id={job_id}"
     print(

@@ -435,6 +435,8 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"action: {cfg.action} talks to a Ray cluster's job API; add cluster=ray "
             "(with cluster.address and cluster.storage_path)"
         )
+    if cfg.engine.name == "deepspeed" and cfg.action == "lr_find":
+        errors.append("engine=deepspeed: action=lr_find runs with engine=ddp (the lr it finds is the same)")
     return errors
 
 

@@ -2,9 +2,12 @@
 
 The stream is the concatenation of per-epoch permutations (seeded by run seed + epoch).
 Step ``s`` consumes stream positions ``[s * G, (s + 1) * G)`` for global batch ``G``;
-rank ``r`` takes the ``r``-th contiguous share and splits it into its micro-batches.
-So the data position is just the step, the set of samples in a step does not depend on
-the world size or the micro-batch, and every sample is used once per epoch.
+rank ``r`` takes the ``r``-th contiguous share and splits it into its micro-batches. When the
+world size does not divide ``G``, the shares differ by at most one sample (``planner.shares``:
+32 on 3 ranks is 11, 11, 10), and every rank still yields ``accum`` micro-batches per step,
+sizes within a share differing by at most one. So the data position is just the step, the set
+of samples in a step does not depend on the world size or the micro-batch, and every sample is
+used once per epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 import torch
 from filelock import FileLock
 from torch.utils.data import Dataset, Sampler
+
+from launcher.planner import shares
 
 
 @dataclass
@@ -71,12 +76,28 @@ class StepBatches(Sampler[list[int]]):
     """
 
     def __init__(
-        self, n: int, *, micro: int, accum: int, world: int, rank: int, seed: int, start_step: int = 0
+        self,
+        n: int,
+        *,
+        micro: int,
+        accum: int,
+        world: int,
+        rank: int,
+        seed: int,
+        start_step: int = 0,
+        global_batch: int | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("the training set is empty")
         self.n, self.micro, self.accum, self.world, self.rank = n, micro, accum, world, rank
         self.seed, self.start_step = seed, start_step
+        self.global_batch = micro * accum * world if global_batch is None else global_batch  # None: even shares
+        sizes = shares(self.global_batch, world)
+        self.first, self.share = sum(sizes[:rank]), sizes[rank]  # this rank's offset and samples in a step
+        if self.share < accum or -(-self.share // accum) > micro:
+            raise ValueError(
+                f"rank {rank}'s share of {self.share} samples cannot be {accum} micro-batches of 1 to {micro} samples"
+            )
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -86,16 +107,16 @@ class StepBatches(Sampler[list[int]]):
         return self._perm[1]
 
     def indices(self, step: int) -> list[list[int]]:
-        """This rank's micro-batches at ``step``."""
-        per_rank = self.micro * self.accum
-        first = step * per_rank * self.world + self.rank * per_rank
+        """This rank's micro-batches at ``step``: its share of the step's positions, in ``accum`` near-equal parts."""
+        pos = step * self.global_batch + self.first
         out = []
-        for j in range(self.accum):
+        for size in shares(self.share, self.accum):
             batch = []
-            for pos in range(first + j * self.micro, first + (j + 1) * self.micro):
-                epoch, k = divmod(pos, self.n)
+            for p in range(pos, pos + size):
+                epoch, k = divmod(p, self.n)
                 batch.append(epoch * self.n + int(self._order(epoch)[k]))
             out.append(batch)
+            pos += size
         return out
 
     def __iter__(self) -> Iterator[list[int]]:

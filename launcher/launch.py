@@ -90,8 +90,6 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
     """``action=train`` and ``action=lr_find``: returns the process exit code."""
     from launcher import cluster
 
-    if cfg.engine.name == "deepspeed" and cfg.action == "lr_find":
-        raise ConfigError(["engine=deepspeed: action=lr_find runs with engine=ddp (the lr it finds is the same)"])
     out = Path(cfg.run.output_dir).resolve()
     uri = _tracking_uri(cfg, out)
     local = cfg.cluster.kind == "local"
@@ -236,6 +234,16 @@ def _refuse_unsupported(cfg: Config, p: Plan, resume: Resume | None) -> None:
                 "one worker's gradient with the all-reduced one); set cluster.num_workers >= 2"
             ]
         )
+    if p.engine == "deepspeed" and p.global_batch != p.target_global_batch:
+        raise ConfigError(
+            [
+                f"cluster.num_workers: engine=deepspeed requires micro x accumulation x world = train_batch_size, "
+                f"and global batch {p.target_global_batch} is not that on {p.world_size} workers (nearest "
+                f"{p.global_batch}); use a world size that divides it, a global batch divisible by {p.world_size} "
+                "(batch.global_batch), or engine=ddp, which keeps it with shares differing by one sample"
+                + (f" (run {resume.name} was saved at global batch {p.target_global_batch})" if resume else "")
+            ]
+        )
     if resume is not None and resume.plan is not None and p.engine == "deepspeed":
         saved = resume.plan["world_size"]
         if resume.plan.get("engine") == "deepspeed" and saved != p.world_size:
@@ -289,21 +297,35 @@ class Resume:
         if self.plan is None:
             return f"resume: run {self.name} has no checkpoint yet; it starts again from step 0 in the same MLflow run"
         old = self.plan
-        text = f"resume: run {self.name} from step {self.step}; global batch {p.global_batch} kept, so the " \
-            "sample position stays valid"
+        kept = old["global_batch"] == p.global_batch
+        text = f"resume: run {self.name} from step {self.step}; " + (
+            f"global batch {p.global_batch} kept, so the sample position stays valid" if kept
+            else f"global batch {old['global_batch']} -> {p.global_batch}: the sample position moves"
+        )
         if (old["world_size"], old["micro_batch"], old["grad_accum"]) != (p.world_size, p.micro_batch, p.grad_accum):
+            uneven = p.micro_batch * p.grad_accum * p.world_size != p.global_batch
             text += (
                 f"; world size {old['world_size']} -> {p.world_size}, so micro-batch x accumulation "
                 f"{old['micro_batch']} x {old['grad_accum']} -> {p.micro_batch} x {p.grad_accum} "
-                "(the same samples per step, split over the workers there are now)"
+                + ("(at most; shares differing by one sample) " if uneven else "")
+                + "(the same samples per step, split over the workers there are now)"
             )
-        changed = [f"{k} {old[k]:g} -> {getattr(p, k):g}" for k in ("lr", "warmup_steps", "max_steps")
+        changed = [f"{k} {_shown(old[k])} -> {_shown(getattr(p, k))}" for k in Resume.HYPER
                    if old.get(k) is not None and old[k] != getattr(p, k)]
         if changed:
-            text += "; changed by this config: " + ", ".join(changed)
+            text += "; changed by this config, and applied over the checkpoint's optimizer and schedule: " + \
+                ", ".join(changed)
         else:
             text += "; lr schedule unchanged"
         return text
+
+    # what the plan sets in the optimizer and the lr schedule; the workers re-apply it after the restore
+    HYPER = ("lr", "weight_decay", "optimizer", "schedule", "warmup_steps", "max_steps", "milestones")
+
+
+def _shown(value: Any) -> str:
+    """A plan value in a resume note: numbers as %g, others as they are."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _find_resume(cfg: Config, uri: str, storage: str) -> Resume | None:

@@ -11,6 +11,7 @@ The arithmetic, in one place:
     state      = model states per device (params + grads + optimizer; ZeRO shards some)
     max_micro  = floor((usable - state) / per_sample)        [2^k below it if power_of_two]
     global     = micro * accum * world                        [exact whenever possible]
+    shares     = ceil(G / world) or floor(G / world) per rank [ddp, when no split is exact: G kept]
     lr         = lr_ref * (global / global_ref)               [linear; sqrt: ** 0.5; none: 1]
     max_steps  = ceil(max_steps_ref * global_ref / global)    [same samples seen]
     warmup     = round(warmup_ref * global_ref / global)      [same warmup samples]
@@ -181,8 +182,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     state_gb = _state_per_device(mem, zero, world)
     usable = hw.device_memory_gb * (1 - req.headroom)
     max_micro = _max_micro(req, hw, mem, state_gb, usable, reasons)
-    micro, accum = _split(req, target, world, max_micro, reasons)
-    global_batch = micro * accum * world
+    micro, accum, global_batch = _split(req, target, world, max_micro, reasons)
     lr, rule = _lr(req, global_batch, reasons)
     max_steps = _max_steps(req, global_batch, reasons)
     warmup = _warmup(req, global_batch, max_steps, lr, rule, reasons)
@@ -405,8 +405,19 @@ def _max_micro(
     return bound
 
 
-def _split(req: Request, target: int, world: int, max_micro: int, reasons: list[str]) -> tuple[int, int]:
-    """micro x accum x world == target when possible, else the nearest; says which."""
+def shares(global_batch: int, world: int) -> list[int]:
+    """Each rank's samples of one step: ``global_batch`` split into ``world`` shares that differ by at most
+    one (the first ``global_batch % world`` ranks take the extra sample). ``launcher/data.py`` reads them."""
+    base, extra = divmod(global_batch, world)
+    return [base + (r < extra) for r in range(world)]
+
+
+def _split(req: Request, target: int, world: int, max_micro: int, reasons: list[str]) -> tuple[int, int, int]:
+    """micro x accum x world == target when possible; else uneven shares (ddp) or the nearest (deepspeed).
+
+    Returns micro, accum and the global batch. With uneven shares, micro and accum describe the
+    largest rank's share (``ceil(target / world)`` in ``accum`` micro-batches of at most ``micro``).
+    """
     if req.micro_batch is not None:
         if req.micro_batch > max_micro:
             raise PlanError(
@@ -438,13 +449,44 @@ def _split(req: Request, target: int, world: int, max_micro: int, reasons: list[
                 f"note: the only exact split uses micro {best}, well below the memory bound {max_micro}; "
                 f"a global batch divisible by {world} x {max_micro} would run faster"
             )
-    else:
-        reasons.append(
-            f"no split of {target} into micro <= {max_micro} x accumulation x world {world} is exact; "
-            f"nearest is micro {best}{pinned} x accumulation {accum} x {world} = {got} "
-            f"({(got - target) / target:+.1%} vs target)"
+        return best, accum, got
+    if req.engine != "deepspeed":
+        return _uneven(req, target, world, max_micro, reasons)
+    reasons.append(
+        f"no split of {target} into micro <= {max_micro} x accumulation x world {world} is exact; "
+        f"nearest is micro {best}{pinned} x accumulation {accum} x {world} = {got} "
+        f"({(got - target) / target:+.1%} vs target); engine=deepspeed requires micro x accumulation x world = "
+        "train_batch_size, so it cannot take uneven shares (engine=ddp keeps the target exactly)"
+    )
+    return best, accum, got
+
+
+def _uneven(req: Request, target: int, world: int, max_micro: int, reasons: list[str]) -> tuple[int, int, int]:
+    """The target exactly: shares differing by at most one, each in the same number of micro-batches."""
+    big, small = -(-target // world), target // world
+    bound = req.micro_batch if req.micro_batch is not None else max_micro
+    accum = -(-big // bound)  # the fewest micro-batches the largest share fits in
+    if accum > small:  # only with micro-batches of 1 sample: the smaller shares cannot fill as many micro-steps
+        raise PlanError(
+            [
+                f"batch.global_batch: {target} on {world} workers gives shares of {big} and {small} samples; with "
+                f"micro-batches of at most 1 sample the larger need {big} micro-steps and the smaller have only "
+                f"{small}, and every rank must run the same number: use a global batch divisible by {world} "
+                f"(e.g. {small * world} or {big * world}) or another world size"
+                + (" or batch.micro_batch >= 2" if max_micro > 1 else "")
+            ]
         )
-    return best, accum
+    micro = -(-big // accum)
+    extra = target - small * world
+    which = f"the pinned micro {bound} (batch.micro_batch)" if req.micro_batch is not None else f"any micro <= {bound}"
+    split = f"{extra} rank(s) take {big} samples and {world - extra} take {small}" if extra else f"{small} per rank"
+    reasons.append(
+        f"uneven shares: global {target} on world {world} is not micro x accumulation x world for {which}, "
+        f"so the target is kept exactly: {split} (shares differ by at most one), each share in "
+        f"{accum} micro-batch(es) of at most {micro}; the loss is normalized by the global batch's unit counts, "
+        f"so the gradient is the full-batch mean, and every rank runs {accum} micro-step(s)"
+    )
+    return micro, accum, target
 
 
 def _lr(req: Request, global_batch: int, reasons: list[str]) -> tuple[float, str]:
@@ -658,7 +700,7 @@ def describe(p: Plan) -> str:
             f"{p.global_batch}"
             + ("" if p.global_batch == p.target_global_batch else f" (target {p.target_global_batch})"),
         ),
-        ("micro-batch / device", f"{p.micro_batch} (memory bound {p.max_micro_batch})"),
+        ("micro-batch / device", f"{_per_device(p)} (memory bound {p.max_micro_batch})"),
         ("grad accumulation", p.grad_accum),
         ("lr", f"{p.lr:.6g} ({p.lr_rule})"),
         ("warmup steps", p.warmup_steps),
@@ -679,3 +721,11 @@ def describe(p: Plan) -> str:
     if p.notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def _per_device(p: Plan) -> str:
+    """The micro-batch row of ``describe``: with uneven shares, the largest micro-batch and the shares."""
+    if p.micro_batch * p.grad_accum * p.world_size == p.global_batch:
+        return str(p.micro_batch)
+    sizes = sorted(set(shares(p.global_batch, p.world_size)), reverse=True)
+    return f"up to {p.micro_batch}, shares of {' or '.join(map(str, sizes))} samples"

@@ -31,7 +31,7 @@ from launcher.control import StopPoll
 from launcher.data import Data, SampleLedger, StepBatches, eval_shard, size
 from launcher.hooks import back_off_notice, build_hooks
 from launcher.noise import LocalGradNorm, NoiseScale
-from launcher.optim import build_optimizer, build_scheduler
+from launcher.optim import apply_plan, build_optimizer, build_scheduler
 from launcher.planner import Plan
 from launcher.step import Batch, DDPStep, DeepSpeedStep, StepScalars, evaluate
 from launcher.tracking import MlflowTracker, NullTracker, Tracker
@@ -115,6 +115,7 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
     start = int(found[1]["step"]) if found is not None else 0
     if found is not None:
         w.say(f"resumed from {PurePosixPath(found[0]).name} at step {start}")
+        _plan_over_checkpoint(w, eng.optimizer, scheduler)
     agree_on_step(start, w.device)
     batches = _batches(w, start, SampleLedger.from_env(w.rank, start, plan.grad_accum))
     stamps["worker_model_done_at"] = time.time()
@@ -126,6 +127,15 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
     )
     return Trainer(model=eng.model, step_fn=eng.step, scheduler=scheduler, batches=batches, plan=plan,
                    start_step=start, hooks=hooks, tracker=w.tracker, say=w.say, scalars=scalars)
+
+
+def _plan_over_checkpoint(
+    w: Worker, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """The new plan wins on resume: its lr, weight decay, betas/momentum and schedule over the restored ones."""
+    changed = apply_plan(optimizer, scheduler, w.plan, w.cfg.optim)
+    what = ", ".join(changed) if changed else "none changed"
+    w.say(f"resume: this plan's optimizer hyper-parameters re-applied over the checkpoint's ({what})")
 
 
 @dataclass
@@ -168,7 +178,8 @@ def _engine(w: Worker, scalars: StepScalars, injected: faults.Faults) -> Engine:
 def _batches(w: Worker, start_step: int, ledger: SampleLedger | None) -> Iterator[Batch]:
     """This rank's micro-batches from ``start_step`` on (through the sample ledger when it is on)."""
     sampler = StepBatches(size(w.data.train), micro=w.plan.micro_batch, accum=w.plan.grad_accum, world=w.world,
-                          rank=w.rank, seed=w.cfg.run.seed, start_step=start_step)
+                          rank=w.rank, seed=w.cfg.run.seed, start_step=start_step,
+                          global_batch=w.plan.global_batch)  # uneven shares when the world does not divide it
     loader = DataLoader(
         ledger.dataset(w.data.train) if ledger else w.data.train,
         batch_sampler=sampler,

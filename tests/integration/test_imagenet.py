@@ -16,6 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from launcher import checkpoint
 from launcher.cli import load
 from launcher.data import eval_shard
 from launcher.step import evaluate
@@ -64,7 +65,8 @@ def test_smoke_run_learns_and_logs_top1_top5(tmp_path: Path, shared_outputs: Pat
     assert params["recipe.model"] == "resnet18" and params["plan.norm"] == "batch_norm"
     ema_top1 = history(client, run_id, "eval_ema_top1")  # the EMA of the weights, evaluated beside them
     assert set(ema_top1) == set(top1) and ema_top1[last] > 2 / classes
-    state = torch.load(max(shared_outputs.glob(f"ray/*{run_id[:8]}/checkpoint_*/state.pt")), weights_only=True)
+    state = checkpoint.read_layout(  # the parts of the newest checkpoint's state.pt
+        torch.load(max(shared_outputs.glob(f"ray/*{run_id[:8]}/checkpoint_*/state.pt")), weights_only=True))["parts"]
     assert set(state["ema"]) >= {f"module.{k}" for k in state["model"]}  # averaged weights and BN statistics
 
 
@@ -92,7 +94,7 @@ def test_a_tree_it_has_not_seen(tmp_path: Path, shared_outputs: Path) -> None:
     client, run_id = run_record(tmp_path)
     assert set(history(client, run_id, "eval_top1")) == {3}
     ckpt = max(shared_outputs.glob(f"ray/*{run_id[:8]}/checkpoint_*/state.pt"))
-    state = torch.load(ckpt, weights_only=True)
+    state = checkpoint.read_layout(torch.load(ckpt, weights_only=True))["parts"]
     assert state["model"]["net.fc.weight"].shape[0] == 3  # the head has the tree's class count
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -151,24 +152,38 @@ def test_killed_worker_and_killed_checkpoint_writer_recover_with_every_sample_on
 
 
 def test_a_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
-    calls = []
+    calls: list[dict] = []  # type: ignore[type-arg]
+
+    class Probe:  # a Stateful part that records what it is given, or refuses it as a wrong shape would
+        def __init__(self, refuse: bool = False) -> None:
+            self.refuse = refuse
+
+        def state_dict(self) -> dict:  # type: ignore[type-arg]
+            return {}
+
+        def load_state_dict(self, state: dict, /) -> None:  # type: ignore[type-arg]
+            if self.refuse:
+                raise RuntimeError("Error(s) in loading state_dict: size mismatch for weight")
+            calls.append(state)
+
+    def restore(dirs: list[str], recipe: str, part: Probe, warn: Any) -> Any:
+        return checkpoint.Checkpointer({"probe": part}, {}, recipe=recipe, plan={}, rank=0, world=1).restore(dirs, warn)
+
     d = tmp_path / "checkpoint_x"
-    checkpoint.save(d, {"recipe": "imagenet", "step": 3}, {"recipe": "imagenet", "step": 3, "plan": {}})
+    checkpoint.save(d, {"recipe": "imagenet", "step": 3, "probe": {"step": 3}}, {"recipe": "imagenet", "step": 3,
+                                                                                  "plan": {}})
     with pytest.raises(checkpoint.CheckpointMismatch, match="from recipe 'imagenet', not 'bert'"):
-        checkpoint.restore([str(d)], "bert", lambda state, _dir: calls.append(state), print)
+        restore([str(d)], "bert", Probe(), print)
     assert calls == []
 
-    def wrong_shape(state: dict, _dir: Path) -> None:  # type: ignore[type-arg]
-        raise RuntimeError("Error(s) in loading state_dict: size mismatch for weight")
-
     with pytest.raises(checkpoint.CheckpointMismatch, match="does not fit this model .*size mismatch"):
-        checkpoint.restore([str(d)], "imagenet", wrong_shape, print)
+        restore([str(d)], "imagenet", Probe(refuse=True), print)
 
     torn = tmp_path / "checkpoint_y"  # newer, but its state.pt is garbage
     torn.mkdir()
     (torn / checkpoint.FILE).write_bytes(b"PK\x03\x04 not a whole zip")
     warnings: list[str] = []
-    found = checkpoint.restore([str(torn), str(d)], "imagenet", lambda st, _dir: calls.append(st), warnings.append)
+    found = restore([str(torn), str(d)], "imagenet", Probe(), warnings.append)
     assert found is not None and found[0] == str(d) and calls[-1]["step"] == 3
     assert "is unreadable" in warnings[0] and "trying the one before it" in warnings[0]
 

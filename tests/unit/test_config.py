@@ -124,6 +124,11 @@ def test_target_in_a_yaml_file_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_lr_find_under_deepspeed_is_refused_before_anything_runs() -> None:
+    (err,) = _errors(["engine=deepspeed", "action=lr_find"])
+    assert err == "engine=deepspeed: action=lr_find runs with engine=ddp (the lr it finds is the same)"
+
+
 def test_cluster_ray_needs_shared_storage() -> None:
     (err,) = _errors(["cluster=ray"])
     assert err.startswith("cluster.storage_path: required with cluster=ray")
