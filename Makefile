@@ -30,7 +30,7 @@ run: setup ## train BERT smoke on 2 CPU workers (embedded Ray, MLflow in ./mlflo
 test: setup ## lint, type-check and run the tests (unit + integration)
 	$(BIN)/ruff check launcher recipes tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 plan: setup ## show the plan for BERT on 8x8 80 GB GPUs at global batch 8192 (no training)
 	$(BIN)/python -m launcher action=plan cluster.nodes=8 cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 batch.global_batch=8192
