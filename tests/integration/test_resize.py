@@ -1,10 +1,12 @@
 """Any world size, at any time (issue #18), for real: ``python -m launcher`` resumed by name.
 
-1. A 2-worker run at global batch 32 resumed on 3 workers keeps 32 (shares 11, 11, 10), and the
-   sample ledger (``LAUNCHER_SAMPLE_LEDGER``: the ids that came through each rank's DataLoader)
-   holds the global stream's positions of every step exactly once, across both world sizes.
-2. A resume with ``optim.lr`` pinned to a new value trains at the new lr: the optimizer's saved
-   param groups and the schedule's saved base lrs no longer override the new plan.
+A 2-worker run at global batch 32, resumed on 3 workers with ``optim.lr`` pinned to a new value:
+
+1. it keeps 32 (shares 11, 11, 10), and the sample ledger (``LAUNCHER_SAMPLE_LEDGER``: the ids
+   that came through each rank's DataLoader) holds the global stream's positions of every step
+   exactly once, across both world sizes;
+2. it trains at the new lr: the optimizer's saved param groups and the schedule's saved base
+   lrs no longer override the new plan.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ def artifact(client: MlflowClient, run_id: str, path: str, into: Path) -> dict: 
     return json.loads(Path(client.download_artifacts(run_id, path, str(into))).read_text())
 
 
-def test_a_2_worker_run_resumed_on_3_workers_keeps_32_and_reads_each_sample_once(
+def test_a_2_worker_run_resumed_on_3_workers_at_a_new_lr_keeps_32_reads_each_sample_once_and_trains_at_it(
     tmp_path: Path, shared_outputs: Path
 ) -> None:
+    """Both resumes at once (one run, one resume: the suite's time): another world size and a pinned lr."""
     from launcher.cli import load
     from recipes import bert
 
@@ -45,17 +48,28 @@ def test_a_2_worker_run_resumed_on_3_workers_keeps_32_and_reads_each_sample_once
     common = [*COMMON, "run.name=resize", f"run.output_dir={shared_outputs}"]
     first = launcher(*common, "train.max_steps=10", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = launcher(*common, "train.max_steps=20", "cluster.num_workers=3", cwd=tmp_path, env=env)
+    client, run_id = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    old = Plan.from_dict(artifact(client, run_id, "plan.json", tmp_path))
+    new_lr = old.lr / 4
+    second = launcher(*common, "train.max_steps=20", "cluster.num_workers=3", f"optim.lr={new_lr}", cwd=tmp_path,
+                      env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     console = second.stdout
     assert "resumed from " in console and "at step 10" in console
     assert "global batch 32 kept" in console and "world size 2 -> 3" in console
     assert "2 rank(s) take 11 samples and 1 take 10" in console
-    assert "re-applied over the checkpoint's (none changed)" in console
+    assert f"lr {old.lr:g} -> {new_lr:g}" in console  # the driver's resume note and the workers' line
+    assert "re-applied over the checkpoint's (lr " in console
 
-    client, run_id = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     replanned = Plan.from_dict(artifact(client, run_id, "resume/plan_at_step_10.json", tmp_path))
     assert (replanned.world_size, replanned.global_batch, replanned.micro_batch, replanned.grad_accum) == (3, 32, 4, 3)
+    assert replanned.lr == pytest.approx(new_lr) and replanned.lr_rule == "pinned"
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    for done in (5, 10):  # before the resume: the first plan's lr
+        assert logged[done] == pytest.approx(old.lr * lr_factor(done - 1, old), rel=1e-6)
+    for done in (15, 20):  # after it: the new plan's
+        assert logged[done] == pytest.approx(new_lr * lr_factor(done - 1, replanned), rel=1e-6)
+        assert logged[done] != pytest.approx(old.lr * lr_factor(done - 1, replanned), rel=1e-3)
 
     per_step: dict[int, list[int]] = {}
     for rank in (0, 1, 2):
@@ -70,25 +84,3 @@ def test_a_2_worker_run_resumed_on_3_workers_keeps_32_and_reads_each_sample_once
         assert sorted(per_step[s]) == sorted(stream.indices(s - 1)[0]), s
     trained = [i for s in per_step for i in per_step[s]]
     assert len(trained) == len(set(trained)) == 20 * 32
-
-
-def test_a_resume_with_a_new_pinned_lr_trains_at_it(tmp_path: Path, shared_outputs: Path) -> None:
-    common = [*COMMON, "run.name=newlr", f"run.output_dir={shared_outputs}"]
-    first = launcher(*common, "train.max_steps=10", cwd=tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    client, run_id = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    old = Plan.from_dict(artifact(client, run_id, "plan.json", tmp_path))
-    new_lr = old.lr / 4
-    second = launcher(*common, "train.max_steps=20", f"optim.lr={new_lr}", cwd=tmp_path)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"lr {old.lr:g} -> {new_lr:g}" in second.stdout  # the driver's resume note and the workers' line
-    assert "re-applied over the checkpoint's (lr " in second.stdout
-
-    replanned = Plan.from_dict(artifact(client, run_id, "resume/plan_at_step_10.json", tmp_path))
-    assert replanned.lr == pytest.approx(new_lr) and replanned.lr_rule == "pinned"
-    logged = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
-    for done in (5, 10):  # before the resume: the first plan's lr
-        assert logged[done] == pytest.approx(old.lr * lr_factor(done - 1, old), rel=1e-6)
-    for done in (15, 20):  # after it: the new plan's
-        assert logged[done] == pytest.approx(new_lr * lr_factor(done - 1, replanned), rel=1e-6)
-        assert logged[done] != pytest.approx(old.lr * lr_factor(done - 1, replanned), rel=1e-3)
