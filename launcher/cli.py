@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Config, ConfigError, check_override_keys, unknown_choice, validate
+from launcher.tracking import mask
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HIDDEN_GROUPS = {"recipe_scale"}  # selected by interpolation, not by the user
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask(str(e))}", file=sys.stderr)
         return 2
     timings["config_done_at"] = time.time()
     try:
@@ -68,15 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return train(cfg, timings)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def load(overrides: list[str]) -> Config:
-    """Compose the config with Hydra and validate it; raise ConfigError with every problem."""
+def load(overrides: list[str], conf_dir: Path = CONF_DIR) -> Config:
+    """Compose the config with Hydra (from ``conf_dir``, the shipped ``conf/`` unless a test gives a copy)
+    and validate it; raise ConfigError with every problem."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -87,7 +89,7 @@ def load(overrides: list[str]) -> Config:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError([f"cannot parse the command line: {e}"]) from None
-    groups = {d.name for d in CONF_DIR.iterdir() if d.is_dir()} - HIDDEN_GROUPS
+    groups = {d.name for d in conf_dir.iterdir() if d.is_dir()} - HIDDEN_GROUPS
     errors: list[str] = []
     recipe = "bert"
     keys = []
@@ -97,10 +99,10 @@ def load(overrides: list[str]) -> Config:
             errors.append(f"{key}: set by the launcher itself; not an override")
         elif key in groups:
             value = o.value()
-            if not isinstance(value, str) or value not in _choices(key):
-                errors.append(unknown_choice(key, str(value), _choices(key)))
+            if not isinstance(value, str) or value not in _choices(key, conf_dir):
+                errors.append(unknown_choice(key, str(value), _choices(key, conf_dir)))
             elif key == "recipe":
-                recipe = str(OmegaConf.load(CONF_DIR / "recipe" / f"{value}.yaml").name)  # a variant names its recipe
+                recipe = str(OmegaConf.load(conf_dir / "recipe" / f"{value}.yaml").name)  # a variant names its recipe
         elif not o.is_add():
             keys.append(key)
     errors += check_override_keys(keys, recipe)
@@ -109,7 +111,7 @@ def load(overrides: list[str]) -> Config:
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="launcher"):
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="launcher"):
             composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except HydraException as e:
         raise ConfigError([str(e).splitlines()[0]]) from None
@@ -121,8 +123,8 @@ def load(overrides: list[str]) -> Config:
     return validate(raw)
 
 
-def _choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def _choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
 
 def process_started() -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -401,12 +402,31 @@ def validate(raw: dict[str, Any]) -> Config:
     """Check a composed config dict and build the typed ``Config``; raise ``ConfigError``."""
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors, recipe=_recipe_name(raw))
+    errors += run_name_errors(raw.get("run"))
     if isinstance(cfg, Config) and not errors:  # rules across keys need each key valid first
         errors += _cross_checks(cfg)
     if errors:
         raise ConfigError(errors)
     assert isinstance(cfg, Config)
     return cfg
+
+
+RUN_NAME_MAX = 100
+RUN_NAME_ALLOWED = (
+    f"letters, digits, '.', '_' and '-', at most {RUN_NAME_MAX} characters, not starting with '.' or '-', "
+    "no '..' (it names folders under run.output_dir and cluster.storage_path)"
+)
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def run_name_errors(run: Any) -> list[str]:
+    """The error for a ``run.name`` that could not be a single, plain folder name; none for null."""
+    name = run.get("name") if isinstance(run, dict) else None
+    if not isinstance(name, str):  # null, or a wrong type already reported by _build
+        return []
+    if _RUN_NAME.fullmatch(name) and ".." not in name and len(name) <= RUN_NAME_MAX:
+        return []
+    return [f"run.name: got {name!r}, expected {RUN_NAME_ALLOWED}"]
 
 
 def _cross_checks(cfg: Config) -> list[str]:

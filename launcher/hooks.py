@@ -2,7 +2,7 @@
 
 ``build_hooks`` sets their order (detectron2's ``build_hooks``): it matters where one hook
 uses what another made in the same step. Hooks talk to the outside only through what they
-are given (the tracker, rank 0's console, Ray Train's report), so the Trainer runs without
+are given (the tracker, rank 0's console, the checkpoint callback), so the Trainer runs without
 Ray in tests.
 """
 
@@ -24,9 +24,6 @@ if TYPE_CHECKING:
     from launcher.noise import LocalGradNorm, NoiseScale
     from launcher.planner import Plan
     from launcher.tracking import Tracker
-
-Report = Callable[[int, dict[str, float]], None]  # every log step, on every rank (Ray Train's report)
-
 
 def every(n: int, info: StepInfo) -> bool:
     """A periodic hook's step: every ``n`` steps (0: never) and at the last one."""
@@ -109,12 +106,14 @@ class Metrics(HookBase):
     """The metrics window: per-term losses over the steps since the last log, throughput, lr.
 
     At each log step (and the last): one all-reduce of the window's loss sums, then the
-    tracker, the console line and Ray Train's report. Throughput counts training time only
-    (``Trainer.clock``: evaluation and checkpoints pause it).
+    tracker and the console line. Throughput counts training time only (``Trainer.clock``:
+    evaluation and checkpoints pause it). Nothing goes to Ray Train here: its ``report`` waits
+    until the controller has taken the previous one (it polls every 2 s), which capped a smoke
+    run at one log window per 2 s; rank 0 logs to MLflow itself, and checkpoints are reported.
     """
 
-    def __init__(self, log_every: int, report: Report, extras: list[Callable[[], dict[str, float]]]) -> None:
-        self.log_every, self.report, self.extras = log_every, report, extras
+    def __init__(self, log_every: int, extras: list[Callable[[], dict[str, float]]]) -> None:
+        self.log_every, self.extras = log_every, extras
         self._reset(0.0)
 
     def _reset(self, now: float) -> None:
@@ -136,7 +135,6 @@ class Metrics(HookBase):
         metrics = self._metrics(trainer.plan, info, now - self.since)
         trainer.tracker.log_metrics(metrics, info.done)
         trainer.say(self._line(trainer.plan, info.done, metrics, now - self.since))
-        self.report(info.done, metrics)
         trainer.metrics = metrics
         self._reset(now)
 
@@ -222,7 +220,6 @@ def build_hooks(
     log_every: int,
     eval_every: int,
     checkpoint_every: int,
-    report: Report,
     evaluate: Callable[[nn.Module], dict[str, float]],
     save: Callable[[int, dict[str, float]], None],
     poll: Callable[[], bool] | None,
@@ -242,7 +239,7 @@ def build_hooks(
     # the log line, then evaluation (which adds to the metrics), then the checkpoint (which
     # reports those metrics to Ray with it), then the stop message below the checkpoint line
     extras: list[Callable[[], dict[str, float]]] = [lambda: noise_hook.latest] if noise_hook is not None else []
-    hooks.append(Metrics(log_every, report, extras))
+    hooks.append(Metrics(log_every, extras))
     hooks.append(Evaluate(eval_every, evaluate, ema))
     hooks.append(PeriodicCheckpoint(checkpoint_every, save))
     hooks.append(GracefulStop(poll))

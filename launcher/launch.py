@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import re
 import signal
 import threading
@@ -129,10 +130,12 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
         )
         return 0
     name = run_name(cfg)
+    for root in (storage, out / "logs"):  # the run's folders checked before its MLflow run is opened
+        run_path(root, name, "")
     run_id = _open_run(cfg, uri, p, name, resume)
     timings["tracking_done_at"] = time.time()
     payload = {"run_id": run_id, "tracking_uri": uri, "cache_dir": str(cache),
-               "run_root": f"{storage.rstrip('/')}/{_run_dir(name, run_id)}"}  # the run's folder in the storage
+               "run_root": run_path(storage, name, run_id)}  # the run's folder in the storage
     return _launch(cfg, p, out, storage, name, timings, payload)
 
 
@@ -165,7 +168,7 @@ def _launch(
     from launcher import cluster, control
 
     local, run_id, uri = cfg.cluster.kind == "local", payload["run_id"], payload["tracking_uri"]
-    run_dir = _run_dir(name, run_id)
+    run_dir, logs = _run_dir(name, run_id), Path(run_path(out / "logs", name, run_id))
     status, backlog = "FAILED", None
     try:
         if local:
@@ -176,7 +179,7 @@ def _launch(
             result = _fit(cfg, p, storage, run_dir, timings, payload)
         backlog = _ray_get(actor.kept.remote())
         if result.error is not None:
-            print(f"{result.error}\n\ntraining failed: {root_cause(str(result.error))}", flush=True)
+            print(f"{mask(str(result.error))}\n\ntraining failed: {root_cause(str(result.error))}", flush=True)
         elif stop.asked:
             status = "KILLED"
             print(f"stopped as asked; resume with run.name={name}", flush=True)
@@ -188,12 +191,13 @@ def _launch(
                 metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
                 print(lr_find_summary(metrics, p, cfg), flush=True)
     except Exception as e:  # noqa: BLE001 - Ray raises its own wrapper; the run is marked failed
-        print(f"{type(e).__name__}: {e}\n\ntraining failed: {root_cause(f'{type(e).__name__}: {e}')}", flush=True)
+        report = f"{type(e).__name__}: {e}"
+        print(f"{mask(report)}\n\ntraining failed: {root_cause(report)}", flush=True)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        cluster.stop(out / "logs" / run_dir, local=local)
+        cluster.stop(logs, local=local)
         finish_run(uri, run_id, status, backlog, out / "spool" / f"{run_id}.json")
     print(f"mlflow: run {run_id} {status.lower()}; see it with `make mlflow-ui`", flush=True)
     return {"FINISHED": 0, "KILLED": 130}.get(status, 1)
@@ -215,6 +219,26 @@ def run_name(cfg: Config) -> str:
 def _run_dir(name: str, run_id: str) -> str:
     """The run's folder in the storage (and under ``logs/``): name and MLflow run id, so names never mix runs."""
     return f"{name}-{run_id[:8]}"
+
+
+def run_path(root: str | Path, name: str, run_id: str) -> str:
+    """``root/<run dir>``, refused (``ConfigError`` naming ``run.name``) unless it stays inside ``root``.
+
+    ``config.validate`` already allows only plain folder names; this holds for any caller. A URI root
+    (``s3://...``) is checked on its normalized path, a local one after resolving its links; the path
+    returned is the unresolved ``root/<run dir>``."""
+    rel = _run_dir(name, run_id)
+    root_s = str(root).rstrip("/")
+    if "://" in root_s:
+        rest = "/" + root_s.partition("://")[2]
+        inside = posixpath.normpath(f"{rest}/{rel}").startswith(posixpath.normpath(rest).rstrip("/") + "/")
+    else:
+        base = Path(root_s or "/").resolve()
+        resolved = (base / rel).resolve()
+        inside = resolved.is_relative_to(base) and resolved != base
+    if not inside or "/" in rel:
+        raise ConfigError([f"run.name: the run folder {rel!r} would leave {mask(root_s)!r}; choose a plain name"])
+    return f"{root_s}/{rel}"  # as given: the workers resolve it on their own nodes
 
 
 def _refuse_unsupported(cfg: Config, p: Plan, resume: Resume | None) -> None:
@@ -338,7 +362,9 @@ def _find_resume(cfg: Config, uri: str, storage: str) -> Resume | None:
     try:
         found = find_run(uri, cfg.tracking.experiment, cfg.run.name)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError([f"tracking.uri: cannot look up run.name={cfg.run.name} at {mask(uri)}: {e}"]) from None
+        raise ConfigError(
+            [f"tracking.uri: cannot look up run.name={cfg.run.name} at {mask(uri)}: {mask(str(e))}"]
+        ) from None
     if found is None:
         return None
     run_id, recipe = found
@@ -349,7 +375,7 @@ def _find_resume(cfg: Config, uri: str, storage: str) -> Resume | None:
                 "choose another run.name, or run.resume=false to start a new run under this name"
             ]
         )
-    dirs = checkpoint.candidates(f"{storage.rstrip('/')}/{_run_dir(cfg.run.name, run_id)}", warn=lambda _m: None)
+    dirs = checkpoint.candidates(run_path(storage, cfg.run.name, run_id), warn=lambda _m: None)
     metas = [m for m in map(checkpoint.meta, dirs) if m is not None]  # the workers warn about skipped ones
     newest = metas[0] if metas else None
     return Resume(
@@ -408,7 +434,9 @@ def lr_find_summary(found: dict[str, float], p: Plan, cfg: Config) -> str:
 
 
 def root_cause(report: str) -> str:
-    """The last ``Type: message`` line of a (Ray-wrapped) traceback: what went wrong, in one line."""
+    """The last ``Type: message`` line of a (Ray-wrapped) traceback: what went wrong, in one line,
+    credentials in URIs masked."""
+    report = mask(report)
     found = re.findall(
         r"^(?:\x1b\[[0-9;]*m|\(\w+ pid=\d+\) )*([A-Za-z_][\w.]*(?:Error|Exception|Image)): (.+)$",
         report,

@@ -183,7 +183,7 @@ def _probe_here(cfg: Config) -> dict[int, float | str]:
     return peaks
 
 
-CACHE_VERSION = 2  # bumped when the estimate or probe method changes, so no stale profile is read
+CACHE_VERSION = 3  # bumped when the estimate or probe method changes, so no stale profile is read
 
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
 
@@ -192,7 +192,7 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
     """Device-free estimate from the recipe's model and a synthetic batch, cached per model.
 
     The cache (``$LAUNCHER_CACHE`` or ``~/.cache/launcher``) is keyed by the recipe section
-    of the config and the torch version, so a rerun or a different cluster shape is instant.
+    of the config, ``train.precision`` and the torch version, so a rerun or a different cluster shape is instant.
     """
     cache = _cache_path(cfg, "memory")
     if cache.exists():
@@ -220,10 +220,12 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
 
 
 def _cache_path(cfg: Config, kind: str, *extra: str) -> Path:
-    """``$LAUNCHER_CACHE`` (or ~/.cache/launcher) / kind-<hash of the recipe section, torch, extra>.json."""
+    """``$LAUNCHER_CACHE`` (or ~/.cache/launcher) / kind-<hash of the recipe section (its reference optimizer
+    too), train.precision, torch, extra>.json."""
     key = hashlib.sha256(
         json.dumps(
-            [CACHE_VERSION, cfg.recipe.name, dataclasses.asdict(cfg.recipe), torch.__version__, *extra],
+            [CACHE_VERSION, cfg.recipe.name, dataclasses.asdict(cfg.recipe), cfg.train.precision,
+             torch.__version__, *extra],
             sort_keys=True,
             default=str,
         ).encode()

@@ -34,7 +34,9 @@ def hyper_parameters(plan: Plan, optim: Optim) -> dict[str, Any]:
     by_optimizer: dict[str, dict[str, Any]] = {
         "adamw": {"betas": betas},
         "sgd": {"momentum": optim.momentum, "nesterov": optim.nesterov},
-        "lamb": {"betas": betas},
+        # timm's Lamb clips the global grad norm at 1.0 by itself; the step object clips once, at
+        # train.grad_clip (null: not at all), so Lamb's own clipping is off (it reads its defaults)
+        "lamb": {"betas": betas, "max_grad_norm": None},
         "lars": {"momentum": optim.momentum},
     }
     if plan.optimizer not in by_optimizer:

@@ -39,9 +39,18 @@ def resolve_uri(configured: str | None) -> str:
     return uri
 
 
+# the user-info part of a URI (``user:token@`` after ``://``), up to the last ``@`` before the host
+_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+@")
+
+
 def mask(text: str) -> str:
-    """Hide credentials in URIs (``https://user:token@host`` -> ``https://***@host``)."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+    """Hide credentials in URIs anywhere in a text (``https://user:token@host`` -> ``https://***@host``)."""
+    return _CREDENTIALS.sub("***@", text)
+
+
+def strip_credentials(uri: str) -> str:
+    """A URI without its credentials (``https://user:token@host`` -> ``https://host``)."""
+    return _CREDENTIALS.sub("", uri)
 
 
 class Tracker(Protocol):
@@ -239,7 +248,7 @@ def check_reachable(uri: str) -> str | None:
     """None if an http(s) tracking server answers ``/health`` within seconds; else why not."""
     if not uri.startswith(("http://", "https://")):
         return None
-    bare = re.sub(r"(?<=://)[^/@\s]+@", "", uri).rstrip("/")  # /health needs no credentials
+    bare = strip_credentials(uri).rstrip("/")  # /health needs no credentials
     try:
         with urllib.request.urlopen(f"{bare}/health", timeout=REACH_TIMEOUT_S) as r:
             return None if r.status == 200 else f"/health answered HTTP {r.status}"

@@ -122,7 +122,7 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
     timed = poll is not None and "launched_at" in stamps and poll.first_start()
     hooks = build_hooks(
         log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, checkpoint_every=cfg.train.checkpoint_every,
-        report=_report, evaluate=partial(_evaluate, w), save=partial(_save, saver, w.say), poll=poll,
+        evaluate=partial(_evaluate, w), save=partial(_save, saver, w.say), poll=poll,
         startup=stamps if timed else None, ema=ema, noise=noise,
     )
     return Trainer(model=eng.model, step_fn=eng.step, scheduler=scheduler, batches=batches, plan=plan,
@@ -199,10 +199,6 @@ def _evaluate(w: Worker, model: nn.Module) -> dict[str, float]:
     if w.recipe.evaluate is not None:  # a recipe with its own metric (COCO mAP)
         return w.recipe.evaluate(model, batches, w.data, w.device, w.cfg.train.precision)
     return evaluate(model, batches, w.recipe.count, w.device, w.cfg.train.precision, w.recipe.METRICS)
-
-
-def _report(step: int, metrics: dict[str, float]) -> None:
-    ray.train.report({**metrics, "step": step})
 
 
 def _save(saver: checkpoint.Checkpointer, say: Callable[[str], None], step: int, metrics: dict[str, float]) -> None:

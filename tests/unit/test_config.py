@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import shutil
 import typing
 from pathlib import Path
 from typing import Any
@@ -112,16 +113,18 @@ def test_target_additions_are_refused(how: str, tmp_path: Path) -> None:
 
 
 def test_target_in_a_yaml_file_is_refused(tmp_path: Path) -> None:
-    """A hostile YAML group file is refused by validation; nothing is ever instantiated."""
+    """A hostile YAML group file is refused by validation; nothing is ever instantiated. It goes into a
+    copy of conf/, so the source tree is never written."""
     marker = tmp_path / "pwned"
-    hostile = CONF_DIR / "tracking" / "zz_hostile_test.yaml"
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    hostile = conf / "tracking" / "zz_hostile_test.yaml"
     hostile.write_text(f"uri: null\nexperiment: x\nhook:\n  _target_: os.system\n  command: touch {marker}\n")
-    try:
-        errs = _errors(["tracking=zz_hostile_test"])
-    finally:
-        hostile.unlink()
-    assert any("tracking.hook" in e for e in errs)
+    with pytest.raises(ConfigError) as e:
+        load(["tracking=zz_hostile_test"], conf_dir=conf)
+    assert any("tracking.hook" in err for err in e.value.errors)
     assert not marker.exists()
+    assert not (CONF_DIR / "tracking" / "zz_hostile_test.yaml").exists()
 
 
 def test_lr_find_under_deepspeed_is_refused_before_anything_runs() -> None:

@@ -104,10 +104,6 @@ class Recorder:
         pass
 
 
-def no_report(_step: int, _metrics: dict[str, float]) -> None:
-    pass
-
-
 # ---------------------------------------------------------------- the loop and its hooks
 
 
@@ -144,21 +140,21 @@ def test_build_hooks_order() -> None:
     from launcher.noise import LocalGradNorm
 
     built = hooks.build_hooks(
-        log_every=1, eval_every=0, checkpoint_every=0, report=no_report, evaluate=lambda _m: {},
+        log_every=1, eval_every=0, checkpoint_every=0, evaluate=lambda _m: {},
         save=lambda _s, _m: None, poll=None, startup={"launched_at": 0.0}, ema=ema,
         noise=(LocalGradNorm(), NoiseScale(b_small=1, b_big=2)),
     )
     assert [type(h).__name__ for h in built] == [
         "StartupTiming", "NoiseScaleHook", "EMAHook", "Metrics", "Evaluate", "PeriodicCheckpoint", "GracefulStop",
     ]
-    plain = hooks.build_hooks(log_every=1, eval_every=0, checkpoint_every=0, report=no_report,
+    plain = hooks.build_hooks(log_every=1, eval_every=0, checkpoint_every=0,
                               evaluate=lambda _m: {}, save=lambda _s, _m: None, poll=None)
     assert [type(h).__name__ for h in plain] == ["Metrics", "Evaluate", "PeriodicCheckpoint", "GracefulStop"]
 
 
 def test_metrics_hook_logs_the_global_batch_mean_at_log_steps_and_the_end() -> None:
     p = tiny_plan(max_steps=5)
-    t = trainer(p, hooks.build_hooks(log_every=2, eval_every=0, checkpoint_every=0, report=no_report,
+    t = trainer(p, hooks.build_hooks(log_every=2, eval_every=0, checkpoint_every=0,
                                      evaluate=lambda _m: {"eval_mse": 1.0}, save=lambda _s, _m: None, poll=None))
     t.fit()
     logged = [(s, m) for s, m in t.tracker.metrics if "loss" in m]  # type: ignore[attr-defined]
@@ -190,7 +186,7 @@ def test_graceful_stop_ends_after_the_step_with_a_checkpoint() -> None:
     asked = iter([False, False, True])
     saved: list[int] = []
     lines: list[str] = []
-    t = trainer(p, hooks.build_hooks(log_every=5, eval_every=0, checkpoint_every=0, report=no_report,
+    t = trainer(p, hooks.build_hooks(log_every=5, eval_every=0, checkpoint_every=0,
                                      evaluate=lambda _m: {}, save=lambda s, _m: saved.append(s),
                                      poll=lambda: next(asked)))
     t.say = lines.append

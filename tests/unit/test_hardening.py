@@ -1,0 +1,217 @@
+"""Hardening (issue #22): run names that stay folder names, credentials masked in what is printed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from launcher.cli import load
+from launcher.config import ConfigError, run_name_errors, validate
+
+# ---------------------------------------------------------------------------------------
+# run.name: a plain folder name; every path derived from it stays under its root
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_run_name_that_climbs_out_is_refused_naming_run_name() -> None:
+    with pytest.raises(ConfigError) as e:
+        load(["run.name=../../x"])
+    (err,) = e.value.errors
+    assert err.startswith("run.name: got '../../x', expected letters, digits, '.', '_' and '-'")
+
+
+@pytest.mark.parametrize("name", ["bert-1", "smoke-test", "resize", "on-cluster", "run_2.v3", "_x", "A" * 100])
+def test_good_run_names_pass(name: str) -> None:
+    assert load([f"run.name={name}"]).run.name == name
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "a/b", "..", ".", ".hidden", "-x", "a..b", "A" * 101, "a b", "a\\b", "é", "a\nb", "x'y"]
+)
+def test_bad_run_names_are_refused(name: str) -> None:
+    (err,) = run_name_errors({"name": name})
+    assert err.startswith(f"run.name: got {name!r}, expected letters, digits")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=120))
+def test_an_accepted_run_name_is_one_plain_folder_name(name: str) -> None:
+    if run_name_errors({"name": name}):
+        return
+    assert 1 <= len(name) <= 100 and Path(name).name == name and ".." not in name
+    assert name[0] not in ".-" and name.isascii() and "/" not in name and "\\" not in name
+
+
+def test_run_name_is_checked_by_validate_itself() -> None:
+    """The workers validate the plain dict again: a bad name cannot travel around the command line."""
+    raw = dataclasses.asdict(load([]))
+    raw["run"]["name"] = "../x"
+    with pytest.raises(ConfigError, match=r"run\.name: got '\.\./x'"):
+        validate(raw)
+
+
+@pytest.mark.parametrize("root", ["/tmp/runs", "s3://bucket/runs", "gs://bucket"])
+def test_run_path_stays_under_its_root(root: str) -> None:
+    from launcher.launch import run_path
+
+    assert run_path(root, "bert-1", "0123456789ab") == f"{root}/bert-1-01234567"
+    for name in ("../../x", "a/../../x", "../x"):
+        with pytest.raises(ConfigError, match="run.name: the run folder"):
+            run_path(root, name, "0123456789ab")
+
+
+def test_run_path_resolves_links_before_checking(tmp_path: Path) -> None:
+    from launcher.launch import run_path
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "evil-01234567").symlink_to(tmp_path)  # a run folder that is a link out of the root
+    with pytest.raises(ConfigError, match="would leave"):
+        run_path(tmp_path / "root", "evil", "0123456789ab")
+    assert run_path(tmp_path / "root", "good", "0123456789ab") == f"{tmp_path / 'root'}/good-01234567"
+
+
+# ---------------------------------------------------------------------------------------
+# credentials: one masking function, used for every error text the launcher prints
+# ---------------------------------------------------------------------------------------
+
+TRACEBACK = """Traceback (most recent call last):
+  File "launcher/tracking.py", line 3, in start_run
+    client.create_run(...)
+(RayTrainWorker pid=123) mlflow.exceptions.MlflowException: API request to http://user:secret@127.0.0.1:9/api failed
+ray.train.base_trainer.TrainingFailedError: the run failed at https://user:token@host/x (see above)
+  retry with http://user:secret@127.0.0.1:9
+"""
+
+
+def test_mask_hides_the_user_info_of_every_uri_in_a_text() -> None:
+    from launcher.tracking import mask
+
+    assert mask("https://user:token@host/x") == "https://***@host/x"
+    assert mask("http://user:secret@127.0.0.1:9") == "http://***@127.0.0.1:9"
+    assert mask("https://u:p@ss@host/x") == "https://***@host/x"  # an unencoded @ in the token
+    masked = mask(TRACEBACK)
+    assert "secret" not in masked and "token" not in masked and masked.count("***@") == 3
+    assert mask("sqlite:////tmp/mlflow.db and http://host:5000") == "sqlite:////tmp/mlflow.db and http://host:5000"
+
+
+def test_strip_credentials_is_the_same_rule() -> None:
+    from launcher.tracking import strip_credentials
+
+    assert strip_credentials("http://user:secret@127.0.0.1:9/") == "http://127.0.0.1:9/"
+    assert strip_credentials("https://host/x") == "https://host/x"
+
+
+def test_check_reachable_never_sends_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    from launcher import tracking
+
+    asked: list[str] = []
+
+    def refuse(url: str, timeout: float) -> None:
+        asked.append(url)
+        raise OSError("refused")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    assert tracking.check_reachable("http://user:secret@127.0.0.1:9") == "refused"
+    assert asked == ["http://127.0.0.1:9/health"]
+
+
+def test_root_cause_masks_credentials() -> None:
+    from launcher.launch import root_cause
+
+    cause = root_cause(TRACEBACK)
+    assert cause == "TrainingFailedError: the run failed at https://***@host/x (see above)"
+    assert "secret" not in root_cause("ValueError: cannot reach http://user:secret@127.0.0.1:9\n")
+
+
+def test_the_cli_masks_a_config_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher import cli
+
+    def fail(_argv: list[str]) -> None:
+        raise ConfigError(["tracking.uri: no MLflow server answers at http://user:secret@127.0.0.1:9"])
+
+    monkeypatch.setattr(cli, "load", fail)
+    assert cli.main(["action=plan"]) == 2
+    err = capsys.readouterr().err
+    assert "secret" not in err and "http://***@127.0.0.1:9" in err
+
+
+# ---------------------------------------------------------------------------------------
+# LAMB: clipped once, by the step object at train.grad_clip, not again by timm's Lamb
+# ---------------------------------------------------------------------------------------
+
+
+def _lamb_plan() -> Any:
+    from tests.unit.test_shares import small_plan
+
+    return dataclasses.replace(small_plan(), optimizer="lamb")
+
+
+def test_lamb_does_not_clip_by_itself() -> None:
+    from torch import nn
+
+    from launcher.config import Optim
+    from launcher.optim import build_optimizer
+
+    opt = build_optimizer(nn.Linear(4, 2), _lamb_plan(), Optim())
+    assert type(opt).__name__ == "Lamb"
+    assert opt.defaults["max_grad_norm"] is None  # what timm's Lamb reads when it steps
+    assert all(g["max_grad_norm"] is None for g in opt.param_groups)
+
+
+def test_lamb_steps_without_a_clip_factor() -> None:
+    import torch
+    from torch import nn
+
+    from launcher.config import Optim
+    from launcher.optim import build_optimizer
+
+    model = nn.Linear(4, 2, bias=False)
+    opt = build_optimizer(model, _lamb_plan(), Optim())
+    model.weight.grad = torch.full_like(model.weight, 100.0)  # a norm far above timm's default 1.0
+    assert opt._get_clip_grad_norm() is None  # type: ignore[attr-defined]  # timm: None means no clipping
+    opt.step()
+
+
+def test_a_restored_lamb_has_its_clipping_off_too() -> None:
+    """A checkpoint written before the fix holds max_grad_norm 1.0 in its groups; apply_plan sets it to None."""
+    from torch import nn
+
+    from launcher.config import Optim
+    from launcher.optim import apply_plan, build_optimizer, build_scheduler
+
+    p, optim = _lamb_plan(), Optim()
+    old = build_optimizer(nn.Linear(4, 2), p, optim)
+    state = old.state_dict()
+    for g in state["param_groups"]:
+        g["max_grad_norm"] = 1.0
+    opt = build_optimizer(nn.Linear(4, 2), p, optim)
+    opt.load_state_dict(state)
+    changed = apply_plan(opt, build_scheduler(opt, p), p, optim)
+    assert all(g["max_grad_norm"] is None for g in opt.param_groups) and opt.defaults["max_grad_norm"] is None
+    assert changed == ["max_grad_norm 1.0 -> None"]
+
+
+# ---------------------------------------------------------------------------------------
+# the memory profile cache: a profile measured under one precision is not read for another
+# ---------------------------------------------------------------------------------------
+
+
+def test_the_profile_cache_is_keyed_by_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.memory import _cache_path
+
+    monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path))
+    fp32, bf16, auto = (load([f"train.precision={p}"]) for p in ("fp32", "bf16", "auto"))
+    paths = {_cache_path(c, "memory") for c in (fp32, bf16, auto)}
+    assert len(paths) == 3 and all(p.parent == tmp_path for p in paths)
+    assert _cache_path(fp32, "probe", "H200") != _cache_path(bf16, "probe", "H200")
+    assert _cache_path(fp32, "memory") == _cache_path(load(["train.precision=fp32"]), "memory")  # still a cache
+    assert fp32.recipe.reference.optimizer == "adamw"
+    sgd = load(["train.precision=fp32", "recipe.reference.optimizer=sgd"])
+    assert _cache_path(sgd, "memory") != _cache_path(fp32, "memory")  # the optimizer is in the recipe section
