@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,25 @@ def shared_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _memory_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the memory-estimate cache inside the test session, never in ~/.cache."""
     monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path_factory.getbasetemp() / "launcher-cache"))
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn: Any, args: tuple, out: Any) -> None:  # type: ignore[type-arg]
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out[rank] = fn(rank, *args)
+    dist.destroy_process_group()
+
+
+def spawn_gloo(fn: Any, world: int, *args: Any) -> dict[int, Any]:
+    """``fn(rank, *args)`` in ``world`` local processes joined in a gloo process group; what each returned, by rank.
+    ``fn`` must be a module-level function (the processes are spawned)."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_gloo_rank, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
+    return dict(out)
 
 
 def free_port() -> int:

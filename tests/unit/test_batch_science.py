@@ -8,18 +8,15 @@ DDP; the range test on a tiny real model (restored afterwards, suggestion on the
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from launcher import lr_find
 from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.step import DDPStep, StepScalars
+from tests.conftest import spawn_gloo
 
 
 def test_estimator_recovers_a_known_noise_scale() -> None:
@@ -87,9 +84,7 @@ def data(rank: int) -> list[dict[str, torch.Tensor]]:
     return [{"x": torch.randn(3, 6, generator=g), "y": torch.randn(3, generator=g)} for _ in range(2)]
 
 
-def _worker(rank: int, port: int, out: dict) -> None:  # type: ignore[type-arg]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int) -> tuple[float, float]:
     model = nn.parallel.DistributedDataParallel(Linear())
     hook = LocalGradNorm.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -97,16 +92,11 @@ def _worker(rank: int, port: int, out: dict) -> None:  # type: ignore[type-arg]
     scalars.register("noise_local_sq", lambda: float(hook.sq))  # as launcher/hooks.py: NoiseScaleHook
     result = DDPStep(model, opt, count, scalars, device=torch.device("cpu"), need_grad_norm=True).attempt(data(rank))
     assert result is not None and result.grad_norm is not None
-    out[rank] = (result.scalars["noise_local_sq"] / 2, result.grad_norm**2)
-    dist.destroy_process_group()
+    return result.scalars["noise_local_sq"] / 2, result.grad_norm**2
 
 
 def test_ddp_hook_sees_each_ranks_accumulated_gradient_before_the_all_reduce() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    out = spawn_gloo(_worker, 2)
 
     def grad(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """The mean-loss gradient over these samples, without DDP."""

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,6 +27,7 @@ from launcher.launch import Resume
 from launcher.optim import apply_plan, build_optimizer, build_scheduler, lr_factor
 from launcher.planner import Hardware, MemoryProfile, Plan, PlanError, Reference, Request, describe, plan, shares
 from launcher.step import Batch, DDPStep, StepScalars
+from tests.conftest import spawn_gloo
 
 REF = Reference(global_batch=32, lr=0.1, warmup_steps=2, max_steps=10, optimizer="sgd", lr_rule="linear")
 
@@ -180,9 +177,7 @@ def sgd_step(model: nn.Module, micro_batches: list[Batch]) -> None:
             device=torch.device("cpu"))(micro_batches, 0)
 
 
-def _rank_step(rank: int, world: int, port: int, p: dict[str, Any], out: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_step(rank: int, world: int, p: dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
     plan_ = Plan.from_dict(p)
     data = items(plan_.global_batch)
     sampler = StepBatches(len(data), micro=plan_.micro_batch, accum=plan_.grad_accum, world=world, rank=rank,
@@ -190,24 +185,14 @@ def _rank_step(rank: int, world: int, port: int, p: dict[str, Any], out: Any) ->
     model = nn.parallel.DistributedDataParallel(token_model())
     micro = [collate([data[i] for i in b]) for b in sampler.indices(0)]
     sgd_step(model, micro)
-    out[rank] = (flat(model), [token_count(b)["tok"] for b in micro])
-    dist.destroy_process_group()
-
-
-def spawn(fn: Any, world: int, *args: Any) -> dict[int, Any]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(fn, args=(world, port, *args, out), nprocs=world, join=True)
-    return dict(out)
+    return flat(model), [token_count(b)["tok"] for b in micro]
 
 
 @pytest.mark.parametrize(("world", "global_batch", "micro"), [(2, 7, None), (3, 32, 4)])
 def test_one_step_over_uneven_shares_is_the_full_batch_step(world: int, global_batch: int, micro: int | None) -> None:
     p = plan_for(world, global_batch, micro=micro)
     assert p.micro_batch * p.grad_accum * world != global_batch  # really uneven
-    out = spawn(_rank_step, world, p.to_dict())
+    out = spawn_gloo(_rank_step, world, world, p.to_dict())
     single = token_model()
     sampler = StepBatches(global_batch, micro=global_batch, accum=1, world=1, rank=0, seed=1)
     data = items(global_batch)

@@ -6,16 +6,12 @@ Where a collective matters (an out-of-memory on one rank only), two local proces
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -26,7 +22,7 @@ from launcher.optim import build_optimizer, build_scheduler
 from launcher.planner import Hardware, MemoryProfile, Plan, plan, request_from_config
 from launcher.step import Batch, DDPStep, StepScalars, batch_size
 from launcher.trainer import HookBase, StepInfo, Trainer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, spawn_gloo
 
 FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint_v1"
 
@@ -249,9 +245,7 @@ def test_oom_back_off_notice_says_what_changed() -> None:
     assert tracker.dicts[0][1] == "oom/step_1.json" and tracker.dicts[0][0]["micro_batch"] == 4
 
 
-def _one_rank_runs_out(rank: int, port: int, limit: int, out: dict) -> None:  # type: ignore[type-arg]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _one_rank_runs_out(rank: int, limit: int) -> tuple[torch.Tensor, int, int]:
     model = nn.parallel.DistributedDataParallel(lin())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     events: list[dict[str, Any]] = []
@@ -259,16 +253,11 @@ def _one_rank_runs_out(rank: int, port: int, limit: int, out: dict) -> None:  # 
     step = DDPStep(model, opt, count, StepScalars(), device=torch.device("cpu"), on_back_off=events.append,
                    guard=guard)
     step([next(stream(4, seed=10 + rank))], 0)
-    out[rank] = (flat(model.module), step.parts, len(events))
-    dist.destroy_process_group()
+    return flat(model.module), step.parts, len(events)
 
 
 def test_an_oom_on_one_rank_backs_off_every_rank_together() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_one_rank_runs_out, args=(port, 3 * saved_per_sample(), out), nprocs=2, join=True)
+    out = spawn_gloo(_one_rank_runs_out, 2, 3 * saved_per_sample())
     (w0, parts0, n0), (w1, parts1, n1) = out[0], out[1]
     assert (parts0, parts1) == (2, 2) and (n0, n1) == (1, 1)  # both learned it from the one all-reduce
     single = lin()
