@@ -4,8 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Ray and MLflow defaults for a local machine: no Ray token file in ~/.ray, no telemetry.
-export RAY_AUTH_MODE ?= disabled
+# No telemetry. (Ray's authentication is the launcher's own decision: launcher/cluster.py.)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
@@ -27,10 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup ## train BERT smoke on 2 CPU workers (embedded Ray, MLflow in ./mlflow.db)
 	$(BIN)/python -m launcher scale=smoke
 
-test: setup ## lint, type-check and run the tests (unit + integration)
+test: setup ## lint, type-check and run the tests (unit + integration; 2 processes, then the serial ones)
 	$(BIN)/ruff check launcher recipes tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile -m 'not gpu and not serial' tests
+	$(BIN)/python -m pytest -q -m serial tests
 
 plan: setup ## show the plan for BERT on 8x8 80 GB GPUs at global batch 8192 (no training)
 	$(BIN)/python -m launcher action=plan cluster.nodes=8 cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 batch.global_batch=8192

@@ -6,8 +6,17 @@ The layout, in one place (``layout`` / ``read_layout``):
                       parts: model, optimizer (DDP), scheduler, rng, and ema / noise_scale when on
     <name>_rank<r>.pt one file per rank for a part split over the ranks (DeepSpeed: ``zero``, its
                       ZeRO optimizer partition); such parts load only on the same world size
-    meta.json         recipe, step, plan and the size of state.pt, so the driver plans a resume
-                      without loading tensors
+    meta.json         recipe, step, plan, the size of state.pt and ``"manifest": 1``, so the driver
+                      plans a resume without loading tensors
+    manifest_rank<r>.json  each rank's files (rank 0: state.pt, meta.json; every rank its shards) with
+                      their size and SHA-256, hashed in the rank's local folder before the upload and
+                      written into the storage's folder last, after Ray Train copied the files there
+
+state.pt and the shards are written under a temporary name, fsynced and renamed in the local
+folder; the copy to the storage is not atomic, so the manifests are what makes a checkpoint
+complete: ``candidates`` uses one only when every rank's manifest is there and its files have the
+recorded size and SHA-256 (``manifest`` computes one, ``verify`` checks one). A checkpoint whose
+meta.json has no ``manifest`` key was written before manifests: only state.pt's size is checked.
 
 The step is the data position (``launcher/data.py``). A checkpoint written before the map
 (format 1: the parts at the top level beside recipe, step and plan) is read as format 2.
@@ -18,6 +27,7 @@ a warning; one from another recipe or model shape is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -29,6 +39,7 @@ import torch
 FILE = "state.pt"
 META = "meta.json"
 FORMAT = 2  # the layout of state.pt (see above); format 1 had no "format" key
+MANIFEST = 1  # meta.json's "manifest": the checkpoint has per-rank manifests (no key: written before them)
 AfterWrite = Callable[[Path, int], None]
 
 
@@ -56,9 +67,8 @@ def save(
     tmp = directory / (FILE + ".tmp")
     torch.save(state, tmp)
     after_write(tmp, int(meta.get("step", -1)))  # fault injection in tests (launcher/faults.py)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    (directory / META).write_text(json.dumps({**meta, "bytes": tmp.stat().st_size}))
+    _fsync(tmp)
+    (directory / META).write_text(json.dumps({**meta, "bytes": tmp.stat().st_size, "manifest": MANIFEST}))
     tmp.replace(directory / FILE)
     return directory / FILE
 
@@ -66,6 +76,48 @@ def save(
 def shard_file(rank: int, name: str = "zero") -> str:
     """A rank's own file of a part split over the ranks (DeepSpeed: ``zero``, its ZeRO optimizer partition)."""
     return f"{name}_rank{rank}.pt"
+
+
+def manifest_file(rank: int) -> str:
+    """The name of a rank's manifest in a checkpoint folder."""
+    return f"manifest_rank{rank}.json"
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file of one rank's local checkpoint folder: ``{name: {"bytes", "sha256"}}``."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    listed = {}
+    for p in files:
+        with open(p, "rb") as f:
+            listed[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(f.read)}
+    return listed
+
+
+def write_manifest(filesystem: Any, path: str, rank: int, files: dict[str, dict[str, Any]]) -> None:
+    """Rank ``rank``'s manifest into the checkpoint folder ``path`` of a pyarrow filesystem: last, after its files."""
+    with filesystem.open_output_stream(f"{path}/{manifest_file(rank)}") as f:
+        f.write(json.dumps({"manifest": MANIFEST, "rank": rank, "files": files}).encode())
+
+
+def verify(filesystem: Any, path: str, files: dict[str, dict[str, Any]], *, hashes: bool = True) -> str | None:
+    """Why the folder ``path`` does not hold ``files`` (a manifest's) as recorded, naming the file; None if it does.
+
+    ``hashes=False`` checks that each file is there with its size, without reading it.
+    """
+    from pyarrow import fs as pafs
+
+    for name, want in sorted(files.items()):
+        info = filesystem.get_file_info(f"{path}/{name}")
+        if info.type != pafs.FileType.File:
+            return f"{name} is missing"
+        if info.size != want.get("bytes"):
+            return f"{name} has {info.size} of its {want.get('bytes')} bytes"
+        if hashes:
+            with filesystem.open_input_stream(f"{path}/{name}") as f:
+                got = _sha256(f.read)
+            if got != want.get("sha256"):
+                return f"{name} has SHA-256 {got[:12]}..., its manifest recorded {str(want.get('sha256'))[:12]}..."
+    return None
 
 
 def load(directory: Path) -> dict[str, Any]:
@@ -81,36 +133,59 @@ def candidates(run_root: str, warn: Callable[[str], None] = print) -> list[str]:
 
     ``run_root`` is the run's directory in the storage: a local path or an object-store URI
     (read through pyarrow's filesystems, as Ray Train writes it). Ray names checkpoints by
-    time (``checkpoint_<date>``), so the name orders them. Complete: ``state.pt`` is there
-    (it appears only by an atomic rename) and has the size ``meta.json`` recorded, and under
-    DeepSpeed every rank's ZeRO shard is there; an incomplete one is skipped with a warning.
+    time (``checkpoint_<date>``), so the name orders them. Complete: rank 0's manifest and,
+    under DeepSpeed, every rank's (the plan's world size) are there and each file they list has
+    its recorded size and SHA-256. Only the newest complete one is hashed: the older ones,
+    fallbacks, get the size checks. One written before manifests needs ``state.pt`` at the size
+    ``meta.json`` recorded and every ZeRO shard. Any other is skipped with one warning naming
+    it and the file. The answer depends on the storage only, so every rank reaches the same one.
     """
     from pyarrow import fs as pafs
 
     filesystem, root = pafs.FileSystem.from_uri(run_root)
     infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    found = []
+    found: list[str] = []
     for info in sorted(infos, key=lambda i: i.base_name, reverse=True):
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        state = filesystem.get_file_info(f"{info.path}/{FILE}")
-        if state.type != pafs.FileType.File:
-            continue
         where = f"{run_root.rstrip('/')}/{info.base_name}"
-        recorded = meta(where) or {}
-        expected = recorded.get("bytes")
-        if expected is not None and state.size != expected:
-            warn(f"warning: checkpoint {where} is incomplete ({state.size} of {expected} bytes); skipping it")
-            continue
-        plan = recorded.get("plan") or {}
-        ranks = plan.get("world_size", 0) if plan.get("engine") == "deepspeed" else 0
-        shards = [shard_file(r) for r in range(ranks)]
-        missing = [f for f in shards if filesystem.get_file_info(f"{info.path}/{f}").type != pafs.FileType.File]
-        if missing:
-            warn(f"warning: checkpoint {where} lacks {', '.join(missing)} (ZeRO shards); skipping it")
+        why = _incomplete(filesystem, info.path, hashes=not found)
+        if why is not None:
+            warn(f"warning: checkpoint {where} is incomplete or damaged ({why}); skipping it")
             continue
         found.append(where)
     return found
+
+
+def _incomplete(filesystem: Any, path: str, *, hashes: bool) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be used, naming the file; None when it is complete."""
+    from pyarrow import fs as pafs
+
+    recorded = _read_json(filesystem, f"{path}/{META}")
+    if recorded is None:
+        return f"no readable {META}"
+    plan = recorded.get("plan") or {}
+    ranks = int(plan.get("world_size", 1)) if plan.get("engine") == "deepspeed" else 0  # ranks with ZeRO shards
+    if "manifest" not in recorded:  # written before manifests: state.pt's recorded size, every shard there
+        expected = recorded.get("bytes")
+        for name in [FILE] + [shard_file(r) for r in range(ranks)]:
+            info = filesystem.get_file_info(f"{path}/{name}")
+            if info.type != pafs.FileType.File:
+                return f"{name} is missing"
+            if name == FILE and expected is not None and info.size != expected:
+                return f"{name} has {info.size} of its {expected} bytes"
+        return None
+    for r in range(max(ranks, 1)):
+        listed = _read_json(filesystem, f"{path}/{manifest_file(r)}")
+        files = listed.get("files") if listed is not None else None
+        if not isinstance(files, dict):
+            return f"{manifest_file(r)} is missing or unreadable"
+        needed = ([FILE, META] if r == 0 else []) + ([shard_file(r)] if ranks else [])
+        if unlisted := [n for n in needed if n not in files]:
+            return f"{manifest_file(r)} does not list {', '.join(unlisted)}"
+        if (why := verify(filesystem, path, files, hashes=hashes)) is not None:
+            return why
+    return None
 
 
 def meta(directory: str | Path) -> dict[str, Any] | None:
@@ -119,10 +194,31 @@ def meta(directory: str | Path) -> dict[str, Any] | None:
 
     try:
         filesystem, path = pafs.FileSystem.from_uri(str(directory))
-        with filesystem.open_input_stream(f"{path}/{META}") as f:
-            return json.loads(f.read())
     except (OSError, ValueError):
         return None
+    return _read_json(filesystem, f"{path}/{META}")
+
+
+def _read_json(filesystem: Any, path: str) -> dict[str, Any] | None:
+    """A JSON object from a pyarrow filesystem; None when it is missing or not a whole JSON object."""
+    try:
+        with filesystem.open_input_stream(path) as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _sha256(read: Callable[[int], bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def layout(recipe: str, step: int, plan: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
@@ -269,4 +365,5 @@ def _write_atomic(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    _fsync(tmp)
     tmp.replace(path)

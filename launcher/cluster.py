@@ -40,6 +40,9 @@ def start_local(cpus: int) -> None:
     # listen on every interface; as a single-node Ray (its setting on macOS and Windows) it keeps
     # 127.0.0.1 and its gRPC servers listen on loopback only.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # The launcher decides the embedded Ray's authentication, whatever started it: loopback only
+    # and no token (Ray 2.60's default would write one into ~/.ray/auth_token)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
     ray.init(
@@ -69,7 +72,10 @@ def connect(cluster: Cluster) -> str:
         _check_reachable(host, int(port), address)
         if host in ("127.0.0.1", "localhost"):  # a cluster on this machine's loopback: Ray must not
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # rewrite it to the outward IP
+    auth = authentication()
     import ray  # after the variable above: Ray reads it on import
+
+    from launcher.tracking import credential_env
 
     try:
         ray.init(
@@ -80,16 +86,41 @@ def connect(cluster: Cluster) -> str:
             runtime_env={
                 "py_modules": [str(Path(launcher.__file__).parent), str(Path(recipes.__file__).parent)],
                 "worker_process_setup_hook": QUIET,
+                "env_vars": credential_env(),  # the tracking server's credentials, never in the payload
             },
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(
             [
                 f"cluster.address: cannot connect to a Ray cluster at {address!r}: {str(e).splitlines()[0][:200]} "
-                "(is `ray start --head` running there? set cluster.address or $RAY_ADDRESS)"
+                f"(authentication: {auth}; is `ray start --head` running there? set cluster.address or "
+                "$RAY_ADDRESS; a cluster with token authentication needs its token in $RAY_AUTH_TOKEN, "
+                "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
             ]
         ) from None
+    print(f"ray: connected to {address} (authentication: {auth})", flush=True)
     return address
+
+
+def authentication() -> str:
+    """How the launcher authenticates to a Ray cluster it did not start, and where that came from.
+
+    ``$RAY_AUTH_MODE`` when set; else token authentication when a token is at hand (Ray's own
+    places: ``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), else
+    none. Ray itself, with the mode unset, does not send a token it has, and its connection
+    attempts then fail for a minute; the launcher sets the mode from what it found.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode:
+        return f"{mode}, as $RAY_AUTH_MODE says"
+    sources = [
+        ("$RAY_AUTH_TOKEN", bool(os.environ.get("RAY_AUTH_TOKEN"))),
+        ("$RAY_AUTH_TOKEN_PATH", Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "/nonexistent").is_file()),
+        ("~/.ray/auth_token", (Path.home() / ".ray" / "auth_token").is_file()),
+    ]
+    found = next((name for name, present in sources if present), None)
+    os.environ["RAY_AUTH_MODE"] = "token" if found else "disabled"
+    return f"token from {found}" if found else "none (no token in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray)"
 
 
 def _check_reachable(host: str, port: int, address: str) -> None:
@@ -171,6 +202,7 @@ def hardware(cluster: Cluster) -> Hardware:
 
 
 def _client(cfg: Config) -> Any:
+    auth = authentication()  # before Ray's import: it reads the mode once
     from ray.job_submission import JobSubmissionClient
 
     address = cfg.cluster.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -180,7 +212,7 @@ def _client(cfg: Config) -> Any:
         raise ConfigError(
             [
                 f"cluster.address: no Ray job API at {address or 'the local cluster'}: {str(e).splitlines()[0][:200]} "
-                "(give the dashboard address, e.g. cluster.address=http://head:8265)"
+                f"(authentication: {auth}; give the dashboard address, e.g. cluster.address=http://head:8265)"
             ]
         ) from None
 
@@ -203,6 +235,8 @@ def _submit_when_an_agent_is_up(client: Any, job: dict[str, Any]) -> str:
 
 def submit(cfg: Config, argv: list[str], tracking_uri: str, name: str) -> int:
     """``action=submit``: the same command as a Ray job under run ``name``; prints its id and how to follow it."""
+    from launcher.tracking import credential_env
+
     client = _client(cfg)
     keep = [a for a in argv if not a.startswith(("action=", "cluster.address=", "run.name=", "tracking.uri="))]
     # Inside the job, Ray Jobs sets $RAY_ADDRESS: the job connects to the cluster it runs on. The
@@ -221,7 +255,8 @@ def submit(cfg: Config, argv: list[str], tracking_uri: str, name: str) -> int:
             "working_dir": str(ROOT),
             "excludes": EXCLUDES,
             "env_vars": {
-                "MLFLOW_TRACKING_URI": tracking_uri,
+                "MLFLOW_TRACKING_URI": tracking_uri,  # without credentials: they follow in MLflow's variables
+                **credential_env(),
                 "RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S),
                 "PYTHONUNBUFFERED": "1",
             },

@@ -145,8 +145,8 @@ class Metrics(HookBase):
         metrics["loss"] = float(sum(metrics[k] for k in keys))
         metrics["lr"] = info.lr
         metrics["samples_per_s"] = plan.global_batch * self.steps / elapsed
-        metrics["grad_accum"] = plan.grad_accum * info.result.parts
-        metrics["micro_batch"] = -(-plan.micro_batch // info.result.parts)
+        metrics["grad_accum"] = info.result.grad_accum  # as the step ran: out-of-memory back-offs change them
+        metrics["micro_batch"] = info.result.micro_batch
         for extra in self.extras:
             metrics.update(extra())
         return metrics
@@ -247,16 +247,20 @@ def build_hooks(
 
 
 def back_off_notice(plan: Plan, tracker: Tracker, say: Callable[[str], None]) -> Callable[[dict[str, Any]], None]:
-    """What ``DDPStep`` calls after an out-of-memory back-off: the console line and an ``oom/step_N.json`` record."""
+    """What ``DDPStep`` calls after an out-of-memory back-off: the console line and an ``oom/step_N.json`` record.
+
+    The line names the split before and after (micro-batch x count per rank, ``launcher/step.py:
+    describe``) and why this one: the fewest micro-batches whose largest is below the one that failed.
+    """
 
     def notice(event: dict[str, Any]) -> None:
         reason = (
-            f"out of memory at micro-batch {event['size']} (step {event['step']}): retrying the step at micro-batch "
-            f"{event['micro_batch']} x accumulation {event['grad_accum']} x world {plan.world_size}; "
-            f"global batch {plan.global_batch} unchanged"
+            f"out of memory at micro-batch {event['size']} (step {event['step']}): micro-batch {event['from']} -> "
+            f"{event['to']} per rank x world {plan.world_size} (the fewest micro-batches whose largest is below "
+            f"{event['size']}); retrying the step, global batch {plan.global_batch} unchanged"
         )
         say(reason)
-        record = {k: event[k] for k in ("step", "micro_batch", "grad_accum")}
+        record = {k: event[k] for k in ("step", "size", "micro_batch", "grad_accum", "from", "to")}
         tracker.log_dict({**record, "reason": reason}, f"oom/step_{event['step']}.json")
 
     return notice

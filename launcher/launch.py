@@ -22,7 +22,15 @@ from typing import Any
 
 from launcher.config import Config, ConfigError, to_dict
 from launcher.planner import Plan, PlanError, describe, plan, request_from_config
-from launcher.tracking import DEFAULT_STORE, finish_run, mask, reopen_run, resolve_uri, start_run
+from launcher.tracking import (
+    DEFAULT_STORE,
+    finish_run,
+    mask,
+    reopen_run,
+    resolve_uri,
+    split_credentials,
+    start_run,
+)
 
 
 def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
@@ -179,7 +187,7 @@ def _launch(
             result = _fit(cfg, p, storage, run_dir, timings, payload)
         backlog = _ray_get(actor.kept.remote())
         if result.error is not None:
-            print(f"{mask(str(result.error))}\n\ntraining failed: {root_cause(str(result.error))}", flush=True)
+            print(failure_report(str(result.error)), flush=True)
         elif stop.asked:
             status = "KILLED"
             print(f"stopped as asked; resume with run.name={name}", flush=True)
@@ -192,7 +200,7 @@ def _launch(
                 print(lr_find_summary(metrics, p, cfg), flush=True)
     except Exception as e:  # noqa: BLE001 - Ray raises its own wrapper; the run is marked failed
         report = f"{type(e).__name__}: {e}"
-        print(f"{mask(report)}\n\ntraining failed: {root_cause(report)}", flush=True)
+        print(failure_report(report), flush=True)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -286,7 +294,15 @@ def _tracking_uri(cfg: Config, out: Path) -> str:
     """The tracking URI, checked within seconds; an unreachable server is an error unless not required."""
     from launcher.tracking import check_reachable
 
-    uri = resolve_uri(cfg.tracking.uri)
+    uri, credentials = split_credentials(resolve_uri(cfg.tracking.uri))
+    # the credentials go to MLflow's own variables: the driver's client and the workers (their
+    # process environment) read them there; the URI itself, in the config, the payload and the
+    # MLflow params, no longer has them
+    os.environ.update(credentials)
+    if cfg.tracking.uri and credentials:
+        cfg.tracking.uri = uri
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = split_credentials(os.environ["MLFLOW_TRACKING_URI"])[0]
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # MLflow's "View run at <uri>" shows credentials
     problem = check_reachable(uri)
     if problem is None:
@@ -431,6 +447,11 @@ def lr_find_summary(found: dict[str, float], p: Plan, cfg: Config) -> str:
         f"batch.global_batch={p.global_batch} optim.lr={steepest:.3g}",
     ]
     return "\n".join(lines)
+
+
+def failure_report(report: str) -> str:
+    """What the console shows of a failed training: the whole error, then its root cause, masked."""
+    return f"{mask(report)}\n\ntraining failed: {root_cause(report)}"
 
 
 def root_cause(report: str) -> str:

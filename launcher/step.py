@@ -60,6 +60,54 @@ def batch_size(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
+def joinable(planned: list[Batch]) -> bool:
+    """Whether the planned micro-batches can be joined into one share: every tensor's trailing shape agrees.
+
+    Fixed-size inputs join; batches padded to their own longest sequence or largest image (BERT,
+    COCO collates) usually do not, and padding them alike would need the recipe's pad values.
+    """
+    first = planned[0]
+    return all(b.keys() == first.keys() and all(b[k].shape[1:] == first[k].shape[1:] for k in first) for b in planned)
+
+
+def regroup(planned: list[Batch], parts: int) -> list[Batch]:
+    """This rank's share (the ``planned`` micro-batches) in ``parts`` micro-batches; 0: as planned.
+
+    Joinable micro-batches are joined and cut into ``parts`` pieces in order, sizes differing by at
+    most one (``split``): a share of 96 in 3 parts is 32 x 3 whether it was planned as 96 x 1 or
+    48 x 2. Otherwise each planned micro-batch is cut into ``ceil(parts / len(planned))``; as the
+    trainer plans them equal, the largest piece is then no larger than the joined cut's.
+    """
+    if not parts:
+        return planned
+    if len(planned) == 1:
+        return split(planned[0], parts)
+    if joinable(planned):
+        return split({k: torch.cat([b[k] for b in planned]) for k in planned[0]}, parts)
+    return [p for b in planned for p in split(b, -(-parts // len(planned)))]
+
+
+def layout(planned: list[Batch], parts: int) -> list[int]:
+    """The sizes of the micro-batches ``regroup(planned, parts)`` makes, without making them."""
+    sizes = [batch_size(b) for b in planned]
+    if not parts:
+        return sizes
+    if joinable(planned):
+        return _cut(sum(sizes), parts)
+    return [n for s in sizes for n in _cut(s, -(-parts // len(planned)))]
+
+
+def _cut(n: int, parts: int) -> list[int]:
+    """The sizes ``tensor_split`` gives ``n`` samples in ``parts`` pieces, empty ones dropped."""
+    q, r = divmod(n, parts)
+    return [q + 1] * r + [q] * (parts - r) if q else [1] * r
+
+
+def describe(sizes: list[int]) -> str:
+    """A split as ``micro-batch x count`` terms, largest first: ``32x3``, ``3x4+2x2`` (16 samples in 6)."""
+    return "+".join(f"{n}x{sizes.count(n)}" for n in sorted(set(sizes), reverse=True))
+
+
 def global_counts(micro_batches: list[Batch], count: Count, device: torch.device) -> dict[str, torch.Tensor]:
     """Units (tokens, pairs, images) per loss term in the whole global batch: one all-reduce."""
     keys = sorted(count(micro_batches[0]))
@@ -103,7 +151,8 @@ class StepResult:
     totals: dict[str, torch.Tensor]  # the global batch's unit counts per term
     scalars: dict[str, float] = field(default_factory=dict)  # StepScalars.values, summed over ranks
     grad_norm: float | None = None  # the all-reduced gradient's norm, when clipping or a hook needed it
-    parts: int = 1  # each planned micro-batch was cut into this many (after out-of-memory back-offs)
+    micro_batch: int = 0  # this rank's largest micro-batch in the step (smaller after out-of-memory back-offs)
+    grad_accum: int = 0  # this rank's micro-batches in the step (more after out-of-memory back-offs)
 
 
 class BackOff(Exception):
@@ -114,12 +163,22 @@ class DDPStep:
     """One optimizer step through a (DDP) model: accumulation, clipping, and out-of-memory back-off.
 
     An out-of-memory on any rank is learned by all from the step's scalar all-reduce; every
-    rank then cuts each planned micro-batch in two (``parts`` doubles: micro-batch halves,
-    accumulation doubles, the global batch and the loss normalization are unchanged) and
-    retries the same step. DDP's only collective is the all-reduce in the final micro-step's
-    backward (the worker turns off DDP's per-forward buffer broadcast), so a rank that ran out
-    skips its remaining micro-batches and runs the final one on a single sample with a zero
-    loss: its all-reduce lines up with the others'.
+    rank then cuts its share (the step's samples on this rank, ``micro_batch x grad_accum``)
+    into more micro-batches and retries the same step: the same samples, so the global batch
+    and the loss normalization are unchanged. DDP's only collective is the all-reduce in the
+    final micro-step's backward (the worker turns off DDP's per-forward buffer broadcast), so a
+    rank that ran out skips its remaining micro-batches and runs the final one on a single
+    sample with a zero loss: its all-reduce lines up with the others'.
+
+    How many micro-batches (``_next_parts``): the memory profile is linear in the micro-batch
+    (model states + ``per_sample x micro_batch``, launcher/planner.py), so an out-of-memory at
+    the largest micro-batch ``s`` says only that the largest must shrink below ``s``. The share
+    in ``p`` micro-batches goes to the fewest ``q > p`` whose largest is below ``s``: ``p + 1``
+    when that shrinks it (96 = 48 x 2 -> 32 x 3, not halving's 24 x 4: one micro-step more,
+    not two), more when ``p + 1`` would not (5 = 2+2+1 failing at 2: 2+1+1+1 is skipped, 1 x 5).
+    Each micro-step more costs throughput, so no more are taken than the failure shows are
+    needed; a second out-of-memory backs off again. Micro-batches stay near-equal (``regroup``).
+    Each choice goes to ``on_back_off``; at micro-batch 1 the error is raised instead.
     """
 
     def __init__(
@@ -141,16 +200,16 @@ class DDPStep:
         self.need_grad_norm, self.on_back_off, self.guard = need_grad_norm, on_back_off, guard
         self.no_sync = getattr(model, "no_sync", None)
         self.world = world_size()
-        self.parts = 1  # each planned micro-batch is cut into this many after out-of-memory back-offs
+        self.parts = 0  # micro-batches this rank's share is cut into after out-of-memory back-offs; 0: as planned
 
     def __call__(self, micro_batches: list[Batch], step: int) -> StepResult:
-        """Step ``step`` (0-based) over this rank's micro-batches, retried smaller after an out-of-memory."""
+        """Step ``step`` (0-based) over this rank's micro-batches, retried in smaller ones after an out-of-memory."""
         while True:
-            pieces = micro_batches if self.parts == 1 else [p for b in micro_batches for p in split(b, self.parts)]
+            pieces = regroup(micro_batches, self.parts)
             try:
                 return self.attempt(pieces)
             except BackOff:
-                self._back_off(max(batch_size(b) for b in pieces), step + 1, micro_batches)
+                self._back_off(step + 1, micro_batches)
 
     def attempt(self, micro_batches: list[Batch]) -> StepResult:
         """One try: forward/backward over every micro-batch, the scalars' all-reduce, then the optimizer."""
@@ -170,7 +229,8 @@ class DDPStep:
         if flags["oom"]:
             self.optimizer.zero_grad(set_to_none=True)
             raise BackOff
-        result = StepResult(sums, {k: totals[k] for k in sums}, flags, parts=self.parts)
+        sizes = [batch_size(b) for b in micro_batches]
+        result = StepResult(sums, {k: totals[k] for k in sums}, flags, micro_batch=max(sizes), grad_accum=len(sizes))
         if self.grad_clip or self.need_grad_norm:
             params = [p for p in self.model.parameters() if p.grad is not None]
             norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -213,17 +273,30 @@ class DDPStep:
             loss = sum(v * 0.0 for v in out.values())
         loss.backward()  # type: ignore[union-attr]
 
-    def _back_off(self, size: int, step: int, planned: list[Batch]) -> None:
-        """After an OOM on any rank: cut micro-batches in two, double accumulation; global batch unchanged."""
+    def _back_off(self, step: int, planned: list[Batch]) -> None:
+        """After an OOM on any rank: the share in the fewest more micro-batches whose largest is smaller."""
+        before = layout(planned, self.parts)
+        size = max(before)
         if size == 1:
             raise RuntimeError(
                 f"out of memory at micro-batch 1 (step {step}): the model states alone do not fit; "
                 "try engine=deepspeed (action=plan says which ZeRO stage fits) or a smaller model"
             )
-        self.parts *= 2
-        micro = -(-max(batch_size(b) for b in planned) // self.parts)
-        accum = len(planned) * self.parts
-        self.on_back_off({"step": step, "size": size, "micro_batch": micro, "grad_accum": accum})
+        self.parts = _next_parts(planned, len(before), size)
+        after = layout(planned, self.parts)
+        event = {"step": step, "size": size, "micro_batch": max(after), "grad_accum": len(after)}
+        self.on_back_off({**event, "from": describe(before), "to": describe(after)})
+
+
+def _next_parts(planned: list[Batch], parts: int, failed: int) -> int:
+    """The fewest micro-batches, more than ``parts``, whose largest is below ``failed`` (see ``DDPStep``).
+
+    Ends: at ``sum`` of the sizes (or ``len(planned) x`` the largest, unjoined) every micro-batch is 1.
+    """
+    more = parts + 1
+    while max(layout(planned, more)) >= failed:
+        more += 1
+    return more
 
 
 class DeepSpeedStep:
@@ -235,8 +308,6 @@ class DeepSpeedStep:
     global batch's units, as for DDP. Precision is DeepSpeed's (``bf16`` in its config). No
     out-of-memory back-off: DeepSpeed's batch sizes are fixed in its config.
     """
-
-    parts = 1
 
     def __init__(self, engine: Any, count: Count, scalars: StepScalars, *, device: torch.device) -> None:
         self.engine, self.count, self.scalars, self.device = engine, count, scalars, device
@@ -252,7 +323,8 @@ class DeepSpeedStep:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
         flags = self.scalars.reduce(self.device)
-        return StepResult(sums, {k: totals[k] for k in sums}, flags)
+        sizes = [batch_size(b) for b in micro_batches]
+        return StepResult(sums, {k: totals[k] for k in sums}, flags, micro_batch=max(sizes), grad_accum=len(sizes))
 
 
 def sync_buffers(model: nn.Module) -> None:

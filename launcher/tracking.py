@@ -9,7 +9,10 @@ A tracking server that goes away mid-run does not stop training: ``MlflowTracker
 what it could not send, retries every ``RETRY_S`` seconds without blocking the step, and
 sends the backlog when the server is back. What is still unsent at the end is handed to the
 driver (through the run's control actor, ``launcher/control.py``), which sends it after
-training or, if the server is still away, writes it to a spool file and says where.
+training or, if the server is still away, writes it to a spool file and says where. Only an
+outage is waited out (no connection, a timeout, HTTP 5xx or 429): a metric key the server
+rejects is named once and its values dropped, the rest still sent; a run deleted on the server
+is reported once and no longer written to.
 """
 
 from __future__ import annotations
@@ -53,6 +56,35 @@ def strip_credentials(uri: str) -> str:
     return _CREDENTIALS.sub("", uri)
 
 
+# MLflow's own variables for a server's credentials; the launcher's workers get them in their
+# process environment, never in the Ray payload, a log line or an MLflow param
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """(the URI without credentials, MLflow's credential variables from them).
+
+    ``https://user:password@host`` gives basic auth (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``),
+    ``https://token@host`` a bearer token (``MLFLOW_TRACKING_TOKEN``); both percent-decoded.
+    """
+    from urllib.parse import unquote
+
+    found = _CREDENTIALS.search(uri)
+    if found is None:
+        return uri, {}
+    user, colon, password = found.group(0)[:-1].partition(":")
+    if colon:
+        env = {"MLFLOW_TRACKING_USERNAME": unquote(user), "MLFLOW_TRACKING_PASSWORD": unquote(password)}
+    else:
+        env = {"MLFLOW_TRACKING_TOKEN": unquote(user)}
+    return strip_credentials(uri), env
+
+
+def credential_env() -> dict[str, str]:
+    """The MLflow credential variables set in this process (what a cluster's workers must get)."""
+    return {k: os.environ[k] for k in CREDENTIAL_VARS if k in os.environ}
+
+
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
@@ -73,7 +105,13 @@ class NullTracker:
 
 
 class MlflowTracker:
-    """Rank 0's handle on the run the driver opened; survives a tracking server outage."""
+    """Rank 0's handle on the run the driver opened; survives a tracking server outage.
+
+    What no retry fixes (``_transient`` says which errors are worth waiting out) is not kept:
+    a metric key the server rejects is reported once and its values dropped (the rest of the
+    batch is still sent), and a run that can no longer be written (deleted on the server) is
+    reported once and left alone.
+    """
 
     def __init__(
         self, uri: str, run_id: str, keep: Callable[[dict[str, Any]], None], say: Callable[[str], None] = print
@@ -88,15 +126,26 @@ class MlflowTracker:
         self.pending_dicts: list[tuple[dict[str, Any], str]] = []
         self.down_since: float | None = None
         self.next_try = 0.0
+        self.refused: dict[str, int] = {}  # metric keys the server rejected -> values dropped
+        self.gone: str | None = None  # why the run cannot be written any more; then nothing is sent
+        self.unsent = 0  # metric values not sent because the run is gone
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.gone is not None:
+            self.unsent += len(metrics)
+            return
         now = int(time.time() * 1000)
-        self.pending += [(k, float(v), now, step) for k, v in metrics.items()]
+        for k, v in metrics.items():
+            if k in self.refused:
+                self.refused[k] += 1
+            else:
+                self.pending.append((k, float(v), now, step))
         self.flush()
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self.pending_dicts.append((data, name))
-        self.flush()
+        if self.gone is None:
+            self.pending_dicts.append((data, name))
+            self.flush()
 
     def flush(self, wait: bool = False) -> bool:
         """Send the backlog; True when nothing is left. Between retries, returns at once."""
@@ -104,30 +153,61 @@ class MlflowTracker:
             return True
         if not wait and time.monotonic() < self.next_try:
             return False
-        from mlflow.entities import Metric
-
         try:
-            while self.pending:
+            while self.pending and self.gone is None:
                 chunk = self.pending[:1000]
-                self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk], synchronous=True)
+                rejected = _send_metrics(self.client, self.run_id, chunk)
                 del self.pending[: len(chunk)]
-            while self.pending_dicts:
-                self.client.log_dict(self.run_id, *self.pending_dicts[0])
+                self._refuse(rejected)
+            while self.pending_dicts and self.gone is None:
+                self._send_dict(*self.pending_dicts[0])
                 del self.pending_dicts[0]
-        except Exception as e:  # noqa: BLE001 - any failure to reach the store: keep the data, retry later
+        except _RunGone as e:
+            self.gone = str(e)
+            self.say(
+                f"tracking: run {self.run_id} at {mask(self.uri)} is {self.gone}; training goes on, "
+                "its metrics are no longer sent"
+            )
+        except Exception as e:  # noqa: BLE001 - only what is worth waiting out gets here: keep the data, retry later
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 self.say(
-                    f"tracking: cannot reach {mask(self.uri)} ({mask(str(e)).splitlines()[0][:160]}); "
+                    f"tracking: cannot reach {mask(self.uri)} ({_reason(e)[:160]}); "
                     f"training goes on, metrics are kept and resent every {RETRY_S:g}s"
                 )
             self.next_try = time.monotonic() + RETRY_S
             return False
-        if self.down_since is not None:
+        if self.down_since is not None and self.gone is None:
             away = time.monotonic() - self.down_since
             self.say(f"tracking: {mask(self.uri)} is back after {away:.0f}s; backlog sent")
-            self.down_since = None
+        self.down_since = None
+        if self.gone is not None:
+            self.unsent += len(self.pending)
+            self.pending.clear()
+            self.pending_dicts.clear()
         return True
+
+    def _refuse(self, rejected: dict[str, tuple[int, str]]) -> None:
+        """Each key the server rejected: said once; its later values are dropped without sending."""
+        for key, (count, why) in rejected.items():
+            self.refused[key] = self.refused.get(key, 0) + count
+            self.say(
+                f"tracking: run {self.run_id}: the server rejected metric {_show(key)} ({why}); "
+                f"{count} value{'s' * (count != 1)} dropped, and its later values are dropped too"
+            )
+        if rejected:  # a backlog may hold more of them
+            for m in self.pending:
+                if m[0] in rejected:
+                    self.refused[m[0]] += 1
+            self.pending[:] = [m for m in self.pending if m[0] not in rejected]
+
+    def _send_dict(self, data: dict[str, Any], name: str) -> None:
+        try:
+            self.client.log_dict(self.run_id, data, name)
+        except Exception as e:
+            if _transient(e):
+                raise
+            self.say(f"tracking: run {self.run_id}: the server refused the artifact {name} ({_reason(e)}); dropped")
 
     def close(self, patience_s: float = 30.0) -> None:
         """At the end of training: send the backlog, waiting up to ``patience_s``; else hand it to the driver."""
@@ -136,8 +216,104 @@ class MlflowTracker:
             if time.monotonic() > deadline:
                 self.keep({"metrics": self.pending, "dicts": [[d, n] for d, n in self.pending_dicts]})
                 self.say(f"tracking: {len(self.pending)} metric values not sent yet; handed to the launcher")
-                return
+                break
             time.sleep(RETRY_S)
+        if self.refused:
+            self.say(
+                f"tracking: {sum(self.refused.values())} metric values the server rejected were dropped in all: "
+                + ", ".join(f"{_show(k)} ({n})" for k, n in self.refused.items())
+            )
+
+
+class _RunGone(Exception):
+    """The run can no longer be written, for good (deleted, not found, not ours to write); says which."""
+
+
+# MLflow error codes that MLflow maps to HTTP 5xx but that no retry fixes
+_PERMANENT_5XX = frozenset({"INVALID_STATE", "NOT_IMPLEMENTED"})
+# a 401 / 403: nothing more can be written to this run
+_NO_ACCESS = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"})
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth waiting out: no connection, a timeout, HTTP 5xx or 429. Anything else no retry fixes.
+
+    MLflow's REST client raises ``MlflowException`` for both: a connection error or a timeout is
+    wrapped with ``INTERNAL_ERROR`` (HTTP 500), the server's own errors carry their code
+    (``INVALID_PARAMETER_VALUE`` 400, ``RESOURCE_DOES_NOT_EXIST`` 404, ...). Artifact uploads to
+    an ``mlflow-artifacts`` server raise ``requests.HTTPError``.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        status = e.get_http_status_code()
+        return e.error_code not in _PERMANENT_5XX and (status >= 500 or status == 429)
+    if isinstance(e, requests.HTTPError | urllib.error.HTTPError):
+        found = e.code if isinstance(e, urllib.error.HTTPError) else getattr(e.response, "status_code", None)
+        return found is None or found >= 500 or found == 429
+    if isinstance(e, requests.RequestException):  # requests' errors are OSErrors: only these are outages
+        return isinstance(e, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError)
+    return isinstance(e, OSError)  # refused, reset, timed out, unreachable (urllib's URLError too)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an error, masked, for the console; of a failed request, its cause."""
+    text = mask(str(e)).strip()
+    if "(Caused by " in text:  # MLflow's wrapping of urllib3's error ends with what went wrong
+        text = text[text.rindex("(Caused by ") + len("(Caused by ") :].removesuffix(")")
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
+def _show(key: str) -> str:
+    return repr(key if len(key) <= 60 else f"{key[:57]}...")
+
+
+def _check_run(client: Any, run_id: str, error: BaseException) -> None:
+    """After ``error``, which no retry fixes: raise ``_RunGone`` if the run itself cannot be written."""
+    if getattr(error, "error_code", None) in _NO_ACCESS:
+        raise _RunGone(f"not writable ({_reason(error)})")
+    try:
+        stage = client.get_run(run_id).info.lifecycle_stage
+    except Exception as e:
+        if _transient(e):
+            raise
+        if getattr(e, "error_code", None) in {"RESOURCE_DOES_NOT_EXIST", *_NO_ACCESS}:
+            raise _RunGone(f"not found or not readable ({_reason(e)})") from e
+        return  # nothing says the run is gone: the metrics themselves were refused
+    if stage != "active":
+        raise _RunGone(stage)  # "deleted": the server refuses every write to it (INVALID_PARAMETER_VALUE)
+
+
+def _send_metrics(client: Any, run_id: str, chunk: list[tuple[str, float, int, int]]) -> dict[str, tuple[int, str]]:
+    """Send one chunk (at most 1000 values); what the server rejected, by key: (values, why).
+
+    A rejected batch is sent again key by key, so one bad key does not cost the others (what
+    MLflow refuses in a metric is its name: characters, length, a path that climbs out). Raises
+    what is worth retrying (``_transient``) and ``_RunGone``. A retried chunk may send some
+    values twice; MLflow's SQL store keeps one of identical values.
+    """
+    from mlflow.entities import Metric
+
+    try:
+        client.log_batch(run_id, metrics=[Metric(*m) for m in chunk], synchronous=True)
+        return {}
+    except Exception as e:
+        if _transient(e):
+            raise
+        _check_run(client, run_id, e)
+    by_key: dict[str, list[tuple[str, float, int, int]]] = {}
+    for m in chunk:
+        by_key.setdefault(m[0], []).append(m)
+    rejected = {}
+    for key, values in by_key.items():
+        try:
+            client.log_batch(run_id, metrics=[Metric(*m) for m in values], synchronous=True)
+        except Exception as e:
+            if _transient(e):
+                raise
+            rejected[key] = (len(values), _reason(e))
+    return rejected
 
 
 def start_run(
@@ -217,31 +393,48 @@ def reopen_run(uri: str, run_id: str, plan: dict[str, Any], step: int) -> None:
 def finish_run(uri: str, run_id: str, status: str, backlog: dict[str, Any] | None, spool: Path) -> None:
     """Send what rank 0 could not (if anything) and set the run's final status; never raises.
 
-    If the store is still unreachable, the backlog goes to ``spool`` (JSON) and the console says so.
+    If the store is still unreachable, the backlog goes to ``spool`` (JSON) and the console says so;
+    metric keys the server rejects are dropped and named; a run deleted on the server is said to be.
     """
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     try:
-        if backlog is not None:
-            metrics = [Metric(*m) for m in backlog["metrics"]]
-            for i in range(0, len(metrics), 1000):
-                client.log_batch(run_id, metrics=metrics[i : i + 1000], synchronous=True)
-            for data, name in backlog["dicts"]:
-                client.log_dict(run_id, data, name)
-            print(f"tracking: sent {len(metrics)} metric values rank 0 could not", flush=True)
-        client.set_terminated(run_id, status)
+        try:
+            if backlog is not None:
+                metrics = [(k, v, t, s) for k, v, t, s in backlog["metrics"]]
+                rejected: dict[str, tuple[int, str]] = {}
+                for i in range(0, len(metrics), 1000):
+                    rejected |= _send_metrics(client, run_id, metrics[i : i + 1000])
+                for data, name in backlog["dicts"]:
+                    client.log_dict(run_id, data, name)
+                for key, (count, why) in rejected.items():
+                    print(
+                        f"tracking: the server rejected metric {_show(key)} ({why}); {count} values dropped", flush=True
+                    )
+                sent = len(metrics) - sum(n for n, _ in rejected.values())
+                print(f"tracking: sent {sent} metric values rank 0 could not", flush=True)
+            client.set_terminated(run_id, status)
+        except Exception as e:
+            if not isinstance(e, _RunGone) and not _transient(e):
+                _check_run(client, run_id, e)  # a deleted run refuses its status too: say so
+            raise
     except Exception as e:  # noqa: BLE001 - training is over; say what was not recorded and where it is
         kept = ""
         if backlog is not None:
             spool.parent.mkdir(parents=True, exist_ok=True)
             spool.write_text(json.dumps(backlog))
             kept = f"; the {len(backlog['metrics'])} unsent metric values are in {spool}"
-        print(
-            f"tracking: could not mark run {run_id} {status} at {mask(uri)} ({mask(str(e))[:200]}){kept}",
-            flush=True,
-        )
+        if isinstance(e, _RunGone):
+            print(
+                f"tracking: run {run_id} at {mask(uri)} is {e}; its final status {status} is not recorded{kept}",
+                flush=True,
+            )
+        else:
+            print(
+                f"tracking: could not mark run {run_id} {status} at {mask(uri)} ({mask(str(e))[:200]}){kept}",
+                flush=True,
+            )
 
 
 def check_reachable(uri: str) -> str | None:

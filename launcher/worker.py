@@ -202,13 +202,29 @@ def _evaluate(w: Worker, model: nn.Module) -> dict[str, float]:
 
 
 def _save(saver: checkpoint.Checkpointer, say: Callable[[str], None], step: int, metrics: dict[str, float]) -> None:
-    """Every rank writes its files of the checkpoint; Ray Train merges the ranks' folders in the storage."""
+    """Every rank writes its files of the checkpoint; Ray Train merges the ranks' folders in the storage.
+
+    Each rank hashes its files here, in its local folder, and writes its manifest into the storage's
+    folder after Ray Train copied them there (``_upload_then_manifest``): a checkpoint whose copy
+    was cut short, or changed since, has no manifest or one that does not match (``checkpoint.candidates``).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         saver.save(Path(tmp), step)
-        has_files = any(Path(tmp).iterdir())
-        ray.train.report(
-            {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None
-        )
+        if not any(Path(tmp).iterdir()):  # DDP: only rank 0 has files
+            ray.train.report({**metrics, "step": step})
+            return
+        upload = partial(_upload_then_manifest, saver.rank, checkpoint.manifest(Path(tmp)))
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_upload_fn=upload)
+
+
+def _upload_then_manifest(
+    rank: int, files: dict[str, dict[str, Any]], local: ray.train.Checkpoint, dir_name: str
+) -> ray.train.Checkpoint:
+    """Ray Train's own upload (what ``report`` does without an upload function), then this rank's manifest."""
+    persisted: ray.train.Checkpoint = ray.train.get_context().get_storage().persist_current_checkpoint(local, dir_name)
+    checkpoint.write_manifest(persisted.filesystem, persisted.path, rank, files)
+    return persisted
 
 
 def _lr_find(w: Worker) -> None:

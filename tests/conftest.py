@@ -15,7 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# No RAY_AUTH_MODE here: the launcher decides Ray's authentication itself (tests/integration/
+# test_cluster.py runs a token-authenticated head; the embedded Ray is checked with a bare HOME).
+os.environ.pop("RAY_AUTH_MODE", None)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -25,13 +27,14 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch-extens
 
 
 def launcher(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+    *args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m launcher ARGS`` as a user would, from ``cwd``."""
+    """Run ``python -m launcher ARGS`` as a user would, from ``cwd``; ``env`` adds variables (None: unset)."""
+    merged = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "launcher", *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in merged.items() if v is not None},
         capture_output=True,
         text=True,
         timeout=timeout,

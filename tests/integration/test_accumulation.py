@@ -16,6 +16,7 @@ import ray
 import torch
 
 from launcher.cli import load
+from launcher.cluster import start_local
 from launcher.step import DDPStep, StepScalars
 from recipes import bert
 
@@ -87,14 +88,7 @@ def test_naive_mean_of_means_would_differ() -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
+    start_local(2)  # the launcher's own embedded Ray: loopback, no auth token
     yield
     ray.shutdown()
 

@@ -6,6 +6,7 @@ recorded in MLflow, and the job's status and logs read back by run name.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -19,28 +20,36 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port, launcher
 
+TOKEN = secrets.token_hex(32)  # the test cluster's authentication token
+
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(GCS address, job API address) of a head on loopback with 4 CPUs and the dashboard."""
+    """(GCS address, job API address) of a token-authenticated head on loopback with 4 CPUs and the dashboard."""
     temp = tmp_path_factory.mktemp("rayhead")
     port, dashboard = free_port(), free_port()
     env = {
         **os.environ,
+        "RAY_AUTH_MODE": "token",  # as docs/cluster.md tells a cluster's admin
+        "RAY_AUTH_TOKEN": TOKEN,
+        "HOME": str(temp),  # nothing written into the real ~/.ray
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep the test cluster on loopback
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python`
     }
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
+         # its own job agent port: Ray's default (52365) is taken by any other Ray on this machine
+         f"--dashboard-agent-listen-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     api = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 90
     while True:
         try:
-            if urllib.request.urlopen(f"{api}/api/version", timeout=2).status == 200:
+            ask = urllib.request.Request(f"{api}/api/version", headers={"Authorization": f"Bearer {TOKEN}"})
+            if urllib.request.urlopen(ask, timeout=2).status == 200:
                 break
         except OSError:
             if time.time() > deadline or head.poll() is not None:
@@ -59,17 +68,31 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
 SHORT = ["scale=smoke", "train.max_steps=10", "train.log_every=5", "train.eval_batches=1", "train.checkpoint_every=10"]
 
 
+AUTH: dict[str, str | None] = {"RAY_AUTH_TOKEN": TOKEN, "RAY_AUTH_MODE": None}  # the launcher decides the mode
+
+
 def test_plan_reads_the_clusters_hardware(ray_head: tuple[str, str], tmp_path: Path) -> None:
-    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path)
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path,
+                   env=AUTH)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "world size 2 = 1 node(s) x 2 cpu device(s)" in out.stdout  # no GPU node: 2 CPU workers
+    assert "ray: connected to 127.0.0.1:" in out.stdout and "(authentication: token from $RAY_AUTH_TOKEN)" in out.stdout
+    assert TOKEN not in out.stdout + out.stderr
+
+
+def test_a_token_cluster_refuses_a_launcher_without_its_token(ray_head: tuple[str, str], tmp_path: Path) -> None:
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path,
+                   env={"HOME": str(tmp_path), "RAY_AUTH_MODE": None}, timeout=180)  # no token anywhere
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "cluster.address: cannot connect" in out.stderr and "authentication: none" in out.stderr
+    assert "$RAY_AUTH_TOKEN" in out.stderr
 
 
 def test_a_cluster_run_and_a_submitted_job_are_recorded(ray_head: tuple[str, str], tmp_path: Path) -> None:
     gcs, api = ray_head
     storage = tmp_path / "shared"
     store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    env = {"MLFLOW_TRACKING_URI": store}  # $MLFLOW_TRACKING_URI wins over ./mlflow.db, here and in the job
+    env = {"MLFLOW_TRACKING_URI": store, **AUTH}  # $MLFLOW_TRACKING_URI wins over ./mlflow.db, here and in the job
     run = launcher(*SHORT, "cluster=ray", f"cluster.address={gcs}", f"cluster.storage_path={storage}",
                    "run.name=on-cluster", f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -85,12 +108,12 @@ def test_a_cluster_run_and_a_submitted_job_are_recorded(ray_head: tuple[str, str
 
     deadline = time.time() + 300
     while True:  # follow it by run name, as a user would
-        status = launcher(*common, "action=status", "run.name=submitted", cwd=tmp_path)
+        status = launcher(*common, "action=status", "run.name=submitted", cwd=tmp_path, env=AUTH)
         assert status.returncode == 0, status.stderr[-2000:]
         if any(s in status.stdout for s in ("SUCCEEDED", "FAILED", "STOPPED")) or time.time() > deadline:
             break
         time.sleep(3)
-    logs = launcher(*common, "action=logs", f"run.job_id={job_id}", cwd=tmp_path)
+    logs = launcher(*common, "action=logs", f"run.job_id={job_id}", cwd=tmp_path, env=AUTH)
     assert f"job {job_id} (run submitted): SUCCEEDED" in status.stdout, status.stdout + logs.stdout[-3000:]
     assert "step 10/10" in logs.stdout
 

@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from launcher.cli import load
+from launcher.cluster import start_local
 from launcher.config import ConfigError
 from launcher.data import eval_shard
 from recipes import coco
@@ -156,7 +157,7 @@ def test_two_workers_evaluate_like_one_process(tmp_path: Path) -> None:
             out.write_text(json.dumps(metrics))
         ray.train.report({"done": 1})
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    start_local(2)  # the launcher's own embedded Ray: loopback, no auth token
     try:
         with tempfile.TemporaryDirectory() as tmp:
             TorchTrainer(

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from launcher import checkpoint
 from launcher.cli import load
+from launcher.cluster import start_local
 from launcher.data import eval_shard
 from launcher.step import evaluate
 from recipes import imagenet
@@ -211,9 +212,7 @@ def test_two_workers_evaluate_exactly_like_one_process_on_an_odd_val_set() -> No
                 Path(payload["out"]).write_text(json.dumps(metrics))
             ray.train.report({"done": 1})
 
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
-        )
+        start_local(2)  # the launcher's own embedded Ray: loopback, no auth token
         try:
             TorchTrainer(
                 per_worker,

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,21 +56,32 @@ def ray_processes() -> set[int]:
 def test_resume_by_name_skips_a_torn_checkpoint_and_replans_for_one_worker(
     tmp_path: Path, shared_outputs: Path
 ) -> None:
+    """The run keeps its checkpoints at 10 and 20 (Ray keeps two). 20 gets one byte flipped on the
+    storage (the same size: only its manifest's SHA-256 tells), and a newer copy of it is torn (half
+    of state.pt). The resume skips both, with a warning each, and restores 10."""
     common = ["scale=smoke", "train.log_every=5", "train.checkpoint_every=10", "train.eval_batches=1",
               "batch.micro_batch=4", "run.name=torn", f"run.output_dir={shared_outputs}"]
     first = launcher(*common, "train.max_steps=20", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (run,) = runs(uri)
-    saved = checkpoint.candidates(str(next(shared_outputs.glob("ray/torn-*"))))
+    saved = checkpoint.candidates(str(next(shared_outputs.glob("ray/torn-*"))))  # each with its manifest
     assert [checkpoint.meta(d)["step"] for d in saved] == [20, 10]  # type: ignore[index]
-    latest = Path(saved[0]) / checkpoint.FILE
-    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # torn mid-write
+    assert all((Path(d) / checkpoint.manifest_file(0)).exists() for d in saved)
+    torn = Path(saved[0]).with_name("checkpoint_9999-12-31_23-59-59.999999")  # the newest by name
+    shutil.copytree(saved[0], torn)
+    state = torn / checkpoint.FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # torn mid-write
+    flipped = Path(saved[0]) / checkpoint.FILE
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))  # a same-size corruption on the storage side
 
     second = launcher(*common, "train.max_steps=30", "cluster.num_workers=1", cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     console = second.stdout
-    assert "is incomplete" in console and "skipping it" in console  # the size check (meta.json) finds it
+    assert f"/{torn.name} is incomplete or damaged (state.pt has " in console  # the recorded size
+    assert f"/{Path(saved[0]).name} is incomplete or damaged (state.pt has SHA-256 " in console  # the hash
     assert "resumed from " in console and "at step 10" in console
     assert f"continuing run torn ({run.info.run_id})" in console
     assert "world size 2 -> 1, so micro-batch x accumulation 4 x 4 -> 4 x 8" in console
@@ -188,6 +200,7 @@ def test_a_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
     assert "is unreadable" in warnings[0] and "trying the one before it" in warnings[0]
 
 
+@pytest.mark.serial  # compares the machine's Ray processes and files: nothing else may run beside it
 def test_sigint_checkpoints_marks_the_run_killed_and_leaves_no_ray_behind(tmp_path: Path, shared_outputs: Path) -> None:
     before, sessions = ray_processes(), set(Path("/tmp/ray").glob("session_2*"))
     shm = set(os.listdir("/dev/shm"))
@@ -287,8 +300,11 @@ def test_a_tracking_outage_mid_run_loses_no_metric_and_no_secret(tmp_path: Path,
         params = json.dumps(run.data.params) + json.dumps(run.data.tags)
         config = Path(MlflowClient(tracking_uri=url).download_artifacts(run.info.run_id, "config.yaml",
                                                                          str(tmp_path / "a"))).read_text()
-        assert "http://***@127.0.0.1" in config
+        assert f"uri: http://127.0.0.1:{port}" in config  # the credentials went to MLflow's variables
         assert SECRET not in console + params + config
+        (run_logs,) = shared_outputs.glob("logs/outage-*")  # Ray's and the workers' log files, kept
+        logged = [f for f in run_logs.rglob("*") if f.is_file()]
+        assert logged and not [f for f in logged if SECRET.encode() in f.read_bytes()]
     finally:
         server.terminate()
         server.wait(timeout=30)

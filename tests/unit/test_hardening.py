@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,54 @@ def test_strip_credentials_is_the_same_rule() -> None:
     assert strip_credentials("https://host/x") == "https://host/x"
 
 
+def test_split_credentials_gives_mlflows_variables() -> None:
+    from launcher.tracking import split_credentials
+
+    assert split_credentials("https://alice:p%40ss%3Aw@host:5000/x") == (
+        "https://host:5000/x",
+        {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "p@ss:w"},
+    )
+    assert split_credentials("https://tok3n@host") == ("https://host", {"MLFLOW_TRACKING_TOKEN": "tok3n"})
+    assert split_credentials("http://127.0.0.1:5000") == ("http://127.0.0.1:5000", {})
+    assert split_credentials("sqlite:////tmp/x.db") == ("sqlite:////tmp/x.db", {})
+
+
+def test_credentials_leave_the_uri_before_anything_is_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A real HTTP server answers /health; what the workers get (config and payload) has no secret,
+    the process environment (which the workers inherit) has MLflow's variables."""
+    import http.server
+    import json
+    import threading
+
+    from launcher import launch
+    from launcher.config import to_dict
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    port = server.server_address[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://env:other-secret@127.0.0.1:{port}")
+    try:
+        cfg = load([f"tracking.uri=http://alice:secret@127.0.0.1:{port}"])
+        uri = launch._tracking_uri(cfg, tmp_path)
+    finally:
+        server.shutdown()
+    assert uri == f"http://127.0.0.1:{port}" == cfg.tracking.uri
+    sent = json.dumps({"config": to_dict(cfg), "tracking_uri": uri})  # what _fit hands to Ray Train
+    assert "secret" not in sent
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "secret"
+    assert "secret" not in os.environ["MLFLOW_TRACKING_URI"]  # the workers inherit the environment too
+
+
 def test_check_reachable_never_sends_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     import urllib.request
 
@@ -120,6 +169,13 @@ def test_check_reachable_never_sends_credentials(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     assert tracking.check_reachable("http://user:secret@127.0.0.1:9") == "refused"
     assert asked == ["http://127.0.0.1:9/health"]
+
+
+def test_the_failure_report_masks_the_whole_error_and_its_cause() -> None:
+    from launcher.launch import failure_report
+
+    shown = failure_report(TRACEBACK)
+    assert "secret" not in shown and "training failed: " in shown and shown.count("http://***@127.0.0.1:9") >= 2
 
 
 def test_root_cause_masks_credentials() -> None:
@@ -215,3 +271,55 @@ def test_the_profile_cache_is_keyed_by_precision(tmp_path: Path, monkeypatch: py
     assert fp32.recipe.reference.optimizer == "adamw"
     sgd = load(["train.precision=fp32", "recipe.reference.optimizer=sgd"])
     assert _cache_path(sgd, "memory") != _cache_path(fp32, "memory")  # the optimizer is in the recipe section
+
+
+# ---------------------------------------------------------------------------------------
+# stopping: the signal handler, and a run none of whose checkpoints can be read
+# ---------------------------------------------------------------------------------------
+
+
+def test_one_signal_asks_the_run_to_stop_a_second_stops_at_once(tmp_path: Path) -> None:
+    """A real embedded Ray and the run's real control actor; the signals are sent to this process."""
+    import signal
+    import time
+
+    import ray
+
+    from launcher import cluster, control
+    from launcher.launch import _graceful_stop
+
+    cluster.start_local(1)
+    try:
+        actor = control.create("signal-test")
+        before = signal.getsignal(signal.SIGINT)
+        with _graceful_stop(actor) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.asked
+            deadline = time.monotonic() + 30
+            while not ray.get(actor.stop_asked.remote()) and time.monotonic() < deadline:
+                time.sleep(0.1)  # the handler asks from a thread: no Ray call inside a signal handler
+            assert ray.get(actor.stop_asked.remote())
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs between bytecodes; it raises here at the latest
+        assert signal.getsignal(signal.SIGINT) == before  # the previous handler is back
+    finally:
+        cluster.stop(tmp_path / "logs", local=True)
+
+
+def test_a_run_whose_checkpoints_are_all_unreadable_stops_instead_of_starting_over(tmp_path: Path) -> None:
+    import torch
+
+    from launcher.checkpoint import Checkpointer
+
+    dirs = []
+    for name in ("checkpoint_2", "checkpoint_1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+        dirs.append(str(tmp_path / name))
+    model = torch.nn.Linear(2, 2)
+    saver = Checkpointer({"model": model}, {}, recipe="bert", plan={}, rank=0, world=1)
+    warnings: list[str] = []
+    with pytest.raises(RuntimeError, match="none of the 2 checkpoints of this run could be read; run.resume=false"):
+        saver.restore(dirs, warnings.append)
+    assert len(warnings) == 2 and "no older checkpoint is left" in warnings[1]

@@ -20,7 +20,7 @@ from launcher.faults import Faults
 from launcher.noise import NoiseScale
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.planner import Hardware, MemoryProfile, Plan, plan, request_from_config
-from launcher.step import Batch, DDPStep, StepScalars, batch_size
+from launcher.step import Batch, DDPStep, StepResult, StepScalars, _next_parts, batch_size, joinable, layout, regroup
 from launcher.trainer import HookBase, StepInfo, Trainer
 from tests.conftest import ROOT, spawn_gloo
 
@@ -223,45 +223,108 @@ def saved_per_sample() -> int:
     return saved.total // 4
 
 
-def test_oom_back_off_halves_the_micro_batch_and_keeps_the_step_exact() -> None:
-    p = tiny_plan(max_steps=2, micro=8, accum=1)
-    reference = trainer(p, [], model=lin())
-    reference.fit()
+class Results(HookBase):
+    """Keeps every step's result."""
+
+    def __init__(self) -> None:
+        self.results: list[StepResult] = []
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        self.results.append(info.result)
+
+
+def joined(batches: Iterator[Batch], n: int) -> Iterator[Batch]:
+    """``n`` batches of ``batches`` at a time as one: the same samples, un-split."""
+    while True:
+        group = [next(batches) for _ in range(n)]
+        yield {k: torch.cat([b[k] for b in group]) for k in group[0]}
+
+
+def oom_events(events: list[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
+    return [(e["step"], e["size"], e["from"], e["to"]) for e in events]
+
+
+def test_oom_back_off_trains_a_share_of_96_that_fails_at_48_at_3_x_32() -> None:
+    """Planned 48 x 2; 48 samples do not fit, 32 do: one micro-step more (3 x 32), not halving's 4 x 24."""
+    p = tiny_plan(max_steps=2, micro=48, accum=2)
+    whole, whole_results = trainer(tiny_plan(max_steps=2, micro=96, accum=1), [], model=lin()), Results()
+    whole.hooks, whole.batches = [whole_results], joined(stream(48), 2)  # the same samples in one micro-batch
+    whole.fit()
     events: list[dict[str, Any]] = []
-    limit = Faults(memory_limit=5 * saved_per_sample())  # 4 samples fit, 8 do not
-    backed = trainer(p, [], model=lin(), guard=limit.memory_guard, on_back_off=events.append)
+    backed_results = Results()
+    limit = Faults(memory_limit=40 * saved_per_sample())  # 32 samples fit, 48 do not
+    backed = trainer(p, [backed_results], model=lin(), guard=limit.memory_guard, on_back_off=events.append)
     backed.fit()
-    assert [(e["step"], e["size"], e["micro_batch"], e["grad_accum"]) for e in events] == [(1, 8, 4, 2)]  # once
-    assert backed.step_fn.parts == 2  # type: ignore[attr-defined]
-    torch.testing.assert_close(flat(backed.model), flat(reference.model))  # same samples, same gradient
+    assert oom_events(events) == [(1, 48, "48x2", "32x3")]  # once: step 2 starts at 3 x 32
+    assert (events[0]["micro_batch"], events[0]["grad_accum"]) == (32, 3)
+    assert backed.step_fn.parts == 3  # type: ignore[attr-defined]
+    for r, w in zip(backed_results.results, whole_results.results, strict=True):
+        assert (r.micro_batch, r.grad_accum, int(r.totals["mse"])) == (32, 3, 96)  # the global batch unchanged
+        torch.testing.assert_close(r.sums["mse"], w.sums["mse"])  # the same losses
+    torch.testing.assert_close(flat(backed.model), flat(whole.model))  # the un-split full-batch update
+
+
+def _five(limit: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    model = lin()
+    events: list[dict[str, Any]] = []
+    step = DDPStep(model, torch.optim.SGD(model.parameters(), lr=0.1), count, StepScalars(),
+                   device=torch.device("cpu"), on_back_off=events.append, guard=Faults(memory_limit=limit).memory_guard)
+    step([next(stream(5))], 0)
+    return flat(model), events
+
+
+def test_oom_back_off_skips_a_count_that_would_not_shrink_the_micro_batch() -> None:
+    """A share of 5 failing at 2 (2+2+1): 4 parts are 2+1+1+1, still 2, so it goes to 1 x 5."""
+    unsplit, _ = _five(0)
+    backed, events = _five(int(1.5 * saved_per_sample()))  # 1 sample fits, 2 do not
+    assert oom_events(events) == [(1, 5, "5x1", "3x1+2x1"), (1, 3, "3x1+2x1", "2x2+1x1"), (1, 2, "2x2+1x1", "1x5")]
+    torch.testing.assert_close(backed, unsplit)
+
+
+def test_oom_back_off_stops_with_an_error_at_one_sample() -> None:
+    with pytest.raises(RuntimeError, match=r"out of memory at micro-batch 1 \(step 1\): the model states alone"):
+        _five(1)  # not even one sample fits: 5 -> 3+2 -> 2+2+1 -> 1 x 5 -> the error
+
+
+def test_oom_back_off_cuts_padded_micro_batches_each_when_they_cannot_be_joined() -> None:
+    """Sequences padded per micro-batch (lengths 3 and 5) cannot be joined: each is cut, sizes still near-equal."""
+    g = torch.Generator().manual_seed(0)
+    padded = [{"x": torch.randn(4, n, 4, generator=g), "y": torch.randn(4, n, 2, generator=g)} for n in (3, 5)]
+    assert not joinable(padded) and joinable([next(stream(4)), next(stream(4))])
+    assert _next_parts(padded, 2, 4) == 3 and layout(padded, 3) == [2, 2, 2, 2]  # each planned one in ceil(3 / 2)
+    assert [batch_size(b) for b in regroup(padded, 3)] == layout(padded, 3)
+    assert torch.equal(torch.cat([b["x"] for b in regroup(padded, 3)[2:]]), padded[1]["x"])  # in order, uncopied
 
 
 def test_oom_back_off_notice_says_what_changed() -> None:
-    p = tiny_plan(max_steps=1, micro=8, accum=1)
+    p = tiny_plan(max_steps=1, micro=48, accum=2)
     tracker, lines = Recorder(), list[str]()
-    hooks.back_off_notice(p, tracker, lines.append)({"step": 1, "size": 8, "micro_batch": 4, "grad_accum": 2})
-    assert lines == ["out of memory at micro-batch 8 (step 1): retrying the step at micro-batch 4 x accumulation 2 "
-                     "x world 1; global batch 8 unchanged"]
-    assert tracker.dicts[0][1] == "oom/step_1.json" and tracker.dicts[0][0]["micro_batch"] == 4
+    hooks.back_off_notice(p, tracker, lines.append)(
+        {"step": 1, "size": 48, "micro_batch": 32, "grad_accum": 3, "from": "48x2", "to": "32x3"})
+    assert lines == ["out of memory at micro-batch 48 (step 1): micro-batch 48x2 -> 32x3 per rank x world 1 (the "
+                     "fewest micro-batches whose largest is below 48); retrying the step, global batch 96 unchanged"]
+    name, record = tracker.dicts[0][1], tracker.dicts[0][0]
+    assert name == "oom/step_1.json" and (record["micro_batch"], record["grad_accum"], record["to"]) == (32, 3, "32x3")
 
 
-def _one_rank_runs_out(rank: int, limit: int) -> tuple[torch.Tensor, int, int]:
+def _one_rank_runs_out(rank: int, limit: int) -> tuple[torch.Tensor, int, list[tuple[int, int, str, str]]]:
     model = nn.parallel.DistributedDataParallel(lin())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     events: list[dict[str, Any]] = []
     guard = Faults(memory_limit=limit if rank == 1 else 0).memory_guard  # only rank 1 runs out
     step = DDPStep(model, opt, count, StepScalars(), device=torch.device("cpu"), on_back_off=events.append,
                    guard=guard)
-    step([next(stream(4, seed=10 + rank))], 0)
-    return flat(model.module), step.parts, len(events)
+    step([next(stream(96, seed=10 + rank))], 0)
+    return flat(model.module), step.parts, oom_events(events)
 
 
 def test_an_oom_on_one_rank_backs_off_every_rank_together() -> None:
-    out = spawn_gloo(_one_rank_runs_out, 2, 3 * saved_per_sample())
-    (w0, parts0, n0), (w1, parts1, n1) = out[0], out[1]
-    assert (parts0, parts1) == (2, 2) and (n0, n1) == (1, 1)  # both learned it from the one all-reduce
+    out = spawn_gloo(_one_rank_runs_out, 2, 40 * saved_per_sample())  # 32 samples fit on rank 1, 48 do not
+    (w0, parts0, e0), (w1, parts1, e1) = out[0], out[1]
+    assert (parts0, parts1) == (3, 3)  # both learned each out-of-memory from the one all-reduce
+    assert e0 == e1 == [(1, 96, "96x1", "48x2"), (1, 48, "48x2", "32x3")]
     single = lin()
-    both = {k: torch.cat([next(stream(4, seed=10))[k], next(stream(4, seed=11))[k]]) for k in ("x", "y")}
+    both = {k: torch.cat([next(stream(96, seed=10))[k], next(stream(96, seed=11))[k]]) for k in ("x", "y")}
     DDPStep(single, torch.optim.SGD(single.parameters(), lr=0.1), count, StepScalars(),
             device=torch.device("cpu"))([both], 0)
     torch.testing.assert_close(w0, w1)  # the same step on both ranks
