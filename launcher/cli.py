@@ -81,22 +81,66 @@ def load(overrides: list[str], conf_dir: Path = CONF_DIR) -> Config:
     and validate it; raise ConfigError with every problem."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
+    parsed = _check_overrides(overrides, conf_dir)
+    GlobalHydra.instance().clear()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="launcher"):
+            composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except HydraException as e:
-        raise ConfigError([f"cannot parse the command line: {e}"]) from None
-    groups = {d.name for d in conf_dir.iterdir() if d.is_dir()} - HIDDEN_GROUPS
+        raise ConfigError([_composition_error(str(e), [(o.key_or_group, o.input_line) for o in parsed])]) from None
+    choices = {k: v for k, v in composed.hydra.runtime.choices.items() if not k.startswith("hydra") and v}
+    with open_dict(composed):
+        del composed["hydra"]
+    try:
+        raw: Any = OmegaConf.to_container(composed, resolve=True)
+    except OmegaConfBaseException as e:  # an interpolation in an override: ${oc.env:UNSET}, ${nope}, ${hydra:...}
+        key = getattr(e, "full_key", None) or "the command line"
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__  # the lines after it restate the key
+        raise ConfigError([f"{key}: cannot resolve its interpolation: {why}"]) from None
+    raw["choices"] = {k: str(v) for k, v in choices.items() if k not in HIDDEN_GROUPS}
+    return validate(raw)
+
+
+def _check_overrides(overrides: list[str], conf_dir: Path) -> list[Any]:
+    """Hydra's parsed overrides, each checked before composition: parseable, one value, a known group
+    choice or key (ConfigError with every problem, each naming its argument or key)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    parser = OverridesParser.create()
+    parsed = []
     errors: list[str] = []
+    for text in overrides:  # one at a time, so that each error names its argument
+        try:
+            (o,) = parser.parse_overrides([text])
+        except HydraException as e:
+            errors.append(f"`{text}`: cannot parse this argument: {_one_line(str(e))}")
+            continue
+        if not o.key_or_group:
+            errors.append(f"`{text}`: no key before '='")
+        else:
+            parsed.append(o)
+    groups = {d.name for d in conf_dir.iterdir() if d.is_dir()} - HIDDEN_GROUPS
     recipe = "bert"
     keys = []
     for o in parsed:
         key = o.key_or_group
-        if key in HIDDEN_GROUPS or key.startswith("hydra"):
+        if key in HIDDEN_GROUPS or key == "hydra" or key.startswith(("hydra.", "hydra/")):
             errors.append(f"{key}: set by the launcher itself; not an override")
+        elif o.package is not None:
+            errors.append(f"{key}@{o.package}: packages (`@`) are not supported; give `{key}=...` alone")
+        elif o.is_sweep_override():
+            errors.append(
+                f"{key}: `{o.input_line}` is a sweep, and the launcher runs one config: give one value "
+                "(a list is written [a,b]; a string with a comma is quoted: 'a,b')"
+            )
+        elif key in groups and o.is_delete():
+            errors.append(f"{key}: a group cannot be deleted; choose one of {', '.join(_choices(key, conf_dir))}")
         elif key in groups:
             value = o.value()
             if not isinstance(value, str) or value not in _choices(key, conf_dir):
@@ -108,19 +152,20 @@ def load(overrides: list[str], conf_dir: Path = CONF_DIR) -> Config:
     errors += check_override_keys(keys, recipe)
     if errors:
         raise ConfigError(errors)
+    return parsed
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="launcher"):
-            composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    except HydraException as e:
-        raise ConfigError([str(e).splitlines()[0]]) from None
-    choices = {k: v for k, v in composed.hydra.runtime.choices.items() if not k.startswith("hydra") and v}
-    with open_dict(composed):
-        del composed["hydra"]
-    raw: Any = OmegaConf.to_container(composed, resolve=True)
-    raw["choices"] = {k: str(v) for k, v in choices.items() if k not in HIDDEN_GROUPS}
-    return validate(raw)
+
+def _one_line(text: str) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line (without the caret under the argument)."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip() not in ("", "^"))
+
+
+def _composition_error(message: str, overrides: list[tuple[str, str | None]]) -> str:
+    """Hydra's composition error, led by the key of the override it names (the longest, if several match);
+    ``overrides``: (key, the argument as given)."""
+    named = [k for k, given in overrides if f"'{k}" in message or f" {k}=" in message or (given and given in message)]
+    text = _one_line(message)
+    return f"{max(named, key=len)}: {text}" if named else text
 
 
 def _choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import re
 import types
 import typing
@@ -101,9 +103,9 @@ def check_of(key: str, recipe: str = "bert") -> Check | None:
 class Anchor:
     """A published (global batch -> lr, warmup) point that wins over the scaling rule."""
 
-    global_batch: int = field(metadata=about("the global batch the point was published at"))
-    lr: float = field(metadata=about("the published lr at that batch"))
-    warmup_steps: int | None = setting(None, "the published warmup at that batch (null: the planner's)")
+    global_batch: int = field(metadata=about("the global batch the point was published at", AT_LEAST_1))
+    lr: float = field(metadata=about("the published lr at that batch", POSITIVE))
+    warmup_steps: int | None = setting(None, "the published warmup at that batch (null: the planner's)", NON_NEGATIVE)
     source: str = setting("", "where the point was published")
 
 
@@ -242,7 +244,7 @@ class Train:
     log_every: int = setting(10, "steps between logged metrics", AT_LEAST_1)
     checkpoint_every: int = setting(0, "steps; 0 = only at the end", NON_NEGATIVE)
     eval_every: int = setting(0, "steps; 0 = only at the end", NON_NEGATIVE)
-    eval_batches: int = setting(20, "micro-batches per rank per evaluation (0 = whole split)", NON_NEGATIVE)
+    eval_batches: int = setting(0, "micro-batches per rank per evaluation; 0 = the whole split", NON_NEGATIVE)
     grad_clip: float | None = setting(1.0, "max gradient norm; null: no clipping", POSITIVE)
     precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto: bf16 autocast on CUDA")
     ema_decay: float | None = setting(
@@ -480,7 +482,9 @@ def _recipe_name(raw: dict[str, Any]) -> str:
     return name if isinstance(name, str) and name in RECIPE_SCHEMAS else "bert"
 
 
+@functools.cache
 def _hints(schema: type) -> dict[str, Any]:
+    """A schema's field types (cached: evaluating the string annotations compiles each one, every call)."""
     return typing.get_type_hints(schema)
 
 
@@ -542,7 +546,8 @@ def _check_value(tp: Any, value: Any, key: str, errors: list[str], recipe: str, 
     """The value converted to its type, then held to the field's range check."""
     ok, converted = _matches(tp, value, key, errors, recipe)
     if not ok:
-        errors.append(f"{key}: got {value!r}, expected {_describe(tp)}")
+        limits = f" ({NUMBER_LIMITS})" if _is_number(value) and not _within_limits(value) else ""
+        errors.append(f"{key}: got {value!r}, expected {_describe(tp)}{limits}")
         return value
     if check is not None and converted is not None:
         predicate, allowed = check
@@ -572,9 +577,9 @@ def _matches(tp: Any, value: Any, key: str, errors: list[str], recipe: str) -> t
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return isinstance(value, int) and not isinstance(value, bool) and _within_limits(value), value
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = _is_number(value) and _within_limits(value)
         return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value
@@ -583,6 +588,19 @@ def _matches(tp: Any, value: Any, key: str, errors: list[str], recipe: str) -> t
     if origin is dict:
         return isinstance(value, dict), value
     raise TypeError(f"schema type {tp!r} at {key} is not supported by the validator")
+
+
+INT64 = 2**63
+NUMBER_LIMITS = "numbers must be finite (no nan or inf) and integers fit in 64 bits"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _within_limits(value: int | float) -> bool:
+    """Finite, and an integer within int64: what the planner's float arithmetic, torch and JSON can take."""
+    return -INT64 <= value < INT64 if isinstance(value, int) else math.isfinite(value)
 
 
 def _matches_items(tp: Any, value: Any, key: str, errors: list[str], recipe: str) -> tuple[bool, Any]:
@@ -622,13 +640,12 @@ def _describe(tp: Any) -> str:
 def _unknown_key(full: str, known: set[str]) -> str:
     parent, _, leaf = full.rpartition(".")
     siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
-    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
-    if not close:  # a key placed under the wrong parent: compare whole keys
-        close = [
-            k.rpartition(".")[2] if k.rpartition(".")[0] == parent else k
-            for k in difflib.get_close_matches(full, sorted(known), n=1, cutoff=0.75)
-        ]
-    hint = f"; did you mean `{_join(parent, close[0]) if '.' not in close[0] else close[0]}`?" if close else ""
+    same_but_case = [k for k in sorted(known) if k.lower() == full.lower()]
+    close = same_but_case or [_join(parent, k) for k in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+    if not close:  # a key placed under the wrong parent: compare whole keys (not its own parents)
+        others = sorted(k for k in known if not full.startswith(k + "."))
+        close = difflib.get_close_matches(full, others, n=1, cutoff=0.75)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
     where = f"`{parent}`" if parent else "the top level"
     allowed = ", ".join(siblings) if siblings else "none"
     return f"{full}: unknown key{hint} (keys allowed under {where}: {allowed})"

@@ -68,6 +68,11 @@ def eval_shard(n: int, rank: int, world: int, micro: int, limit: int = 0) -> lis
     return chunks[:limit] if limit else chunks
 
 
+def eval_samples(n: int, world: int, micro: int, limit: int = 0) -> int:
+    """The distinct samples one evaluation covers, summed over the ranks' ``eval_shard``: ``n`` when ``limit`` is 0."""
+    return sum(min(len(range(rank, n, world)), limit * micro if limit else n) for rank in range(world))
+
+
 class StepBatches(Sampler[list[int]]):
     """Yields this rank's micro-batches (lists of indices) from ``start_step`` on, forever.
 

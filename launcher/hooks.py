@@ -52,7 +52,7 @@ def startup_phases(stamps: dict[str, float], now: float) -> dict[str, float]:
     """Seconds from the command to the first optimizer step, and per phase.
 
     ``stamps`` are wall-clock times, ``<phase>_done_at``, taken by the driver (config, connect,
-    data, plan, tracking, ray) and by rank 0 (workers: Ray Train's controller, the worker group
+    plan, data, tracking, ray) and by rank 0 (workers: Ray Train's controller, the worker group
     and the process group; worker_data; worker_model: model, DDP, optimizer, restore, loader).
     A phase lasts from the stamp before it to its own; on a cluster the driver's and rank 0's
     clocks may differ a little.
@@ -162,21 +162,28 @@ class Metrics(HookBase):
 
 
 class Evaluate(HookBase):
-    """Evaluation every ``eval_every`` steps and at the end: the model, and its EMA on the same samples."""
+    """Evaluation every ``eval_every`` steps and at the end: the model, and its EMA on the same samples.
 
-    def __init__(self, eval_every: int, evaluate: Callable[[nn.Module], dict[str, float]], ema: nn.Module | None):
-        self.eval_every, self.evaluate, self.ema = eval_every, evaluate, ema
+    ``samples`` is how many distinct samples each evaluation covers over all ranks (the split's size
+    unless ``train.eval_batches`` limits it); it is logged with the metrics as ``eval_samples``.
+    """
+
+    def __init__(
+        self, eval_every: int, evaluate: Callable[[nn.Module], dict[str, float]], ema: nn.Module | None, samples: int
+    ) -> None:
+        self.eval_every, self.evaluate, self.ema, self.samples = eval_every, evaluate, ema, samples
 
     def after_step(self, trainer: Trainer, info: StepInfo) -> None:
         if not every(self.eval_every, info):
             return
         with trainer.clock.paused():
-            results = self.evaluate(trainer.model)
+            results = {"eval_samples": float(self.samples), **self.evaluate(trainer.model)}
             if self.ema is not None:
                 averaged = self.evaluate(self.ema)
                 results.update({k.replace("eval_", "eval_ema_", 1): v for k, v in averaged.items()})
         trainer.tracker.log_metrics(results, info.done)
-        trainer.say(f"eval at step {info.done}: " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        shown = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "eval_samples")
+        trainer.say(f"eval at step {info.done} on {self.samples} samples: {shown}")
         trainer.metrics.update(results)
 
 
@@ -221,6 +228,7 @@ def build_hooks(
     eval_every: int,
     checkpoint_every: int,
     evaluate: Callable[[nn.Module], dict[str, float]],
+    eval_samples: int,
     save: Callable[[int, dict[str, float]], None],
     poll: Callable[[], bool] | None,
     startup: dict[str, float] | None = None,
@@ -240,7 +248,7 @@ def build_hooks(
     # reports those metrics to Ray with it), then the stop message below the checkpoint line
     extras: list[Callable[[], dict[str, float]]] = [lambda: noise_hook.latest] if noise_hook is not None else []
     hooks.append(Metrics(log_every, extras))
-    hooks.append(Evaluate(eval_every, evaluate, ema))
+    hooks.append(Evaluate(eval_every, evaluate, ema, eval_samples))
     hooks.append(PeriodicCheckpoint(checkpoint_every, save))
     hooks.append(GracefulStop(poll))
     return hooks

@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Config, ConfigError, to_dict
-from launcher.planner import Plan, PlanError, describe, plan, request_from_config
+from launcher.planner import (
+    Hardware,
+    MemoryProfile,
+    Plan,
+    PlanError,
+    check,
+    describe,
+    plan,
+    request_from_config,
+)
 from launcher.tracking import (
     DEFAULT_STORE,
     finish_run,
@@ -35,6 +44,33 @@ from launcher.tracking import (
 
 def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
     """Hardware + memory profile + request -> plan; planner errors become config errors."""
+    return prepare_plan(cfg).plan(dataset_size)
+
+
+@dataclass(frozen=True)
+class Planning:
+    """What the planner is given besides the dataset size, gathered once on the driver (``prepare_plan``)."""
+
+    cfg: Config
+    hw: Hardware
+    mem: MemoryProfile
+    noise: tuple[float, str] | None
+
+    def plan(self, dataset_size: int | None) -> Plan:
+        """The plan for a dataset of that many training samples (None: not counted). The size only
+        sets the steps, so a plan without it fails exactly where one with it would."""
+        try:
+            p = plan(request_from_config(self.cfg, dataset_size, self.noise), self.hw, self.mem)
+        except PlanError as e:
+            raise ConfigError(e.errors) from None
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
+        return _check_deepspeed(p) if p.deepspeed is not None else p
+
+
+def prepare_plan(cfg: Config) -> Planning:
+    """The hardware, then every planner check that needs no memory profile (``planner.check``: in
+    seconds), then the noise measurement and the memory profile (a model traced, or a GPU probe)."""
     from launcher.memory import detect_hardware, memory_profile
     from recipes import RECIPES
 
@@ -48,17 +84,16 @@ def build_plan(cfg: Config, dataset_size: int | None) -> Plan:
                     f"cluster.gpus_per_node: {hw.devices_per_node} GPUs described, "
                     f"{torch.cuda.device_count()} here; use action=plan to plan hardware that is not here"
                 )
+        check(request_from_config(cfg), hw)
         noise = _noise_measurement(cfg)
-        p = plan(request_from_config(cfg, dataset_size, noise), hw, memory_profile(cfg, RECIPES[cfg.recipe.name], hw))
+        mem = memory_profile(cfg, RECIPES[cfg.recipe.name], hw)
     except PlanError as e:
         raise ConfigError(e.errors) from None
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError([str(e)]) from None
-    if p.deepspeed is not None:
-        p = _check_deepspeed(p)
-    return p
+    return Planning(cfg, hw, mem, noise)
 
 
 def _noise_measurement(cfg: Config) -> tuple[float, str] | None:
@@ -118,15 +153,18 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     from recipes import RECIPES
 
     resume = _find_resume(cfg, uri, storage)
+    if resume is not None and resume.plan is not None:  # the sample position needs the same global batch
+        cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
+    # Every planner error before any data is built (a tokenizer trained, images drawn): the dataset
+    # size only sets the steps, so the plan without it fails wherever the final one would
+    planning = prepare_plan(cfg)
+    _refuse_unsupported(cfg, planning.plan(None), resume)
+    timings["plan_done_at"] = time.time()
     # derived data (tokenizer, indexes): shared by the nodes when the storage is a shared path
     cache = out / "cache" if cfg.cluster.kind == "local" or "://" in storage else Path(storage) / "cache"
     data = RECIPES[cfg.recipe.name].build_data(cfg, cache)  # bad data fails here, before training starts
+    p = planning.plan(size(data.train))  # the steps on this dataset (train.max_epochs, the reference's epochs)
     timings["data_done_at"] = time.time()
-    if resume is not None and resume.plan is not None:  # the sample position needs the same global batch
-        cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
-    p = build_plan(cfg, size(data.train))
-    timings["plan_done_at"] = time.time()
-    _refuse_unsupported(cfg, p, resume)
     if resume is not None:
         p = p.with_notes(resume.explain(p))
     print(describe(p), flush=True)

@@ -9,7 +9,7 @@ The arithmetic, in one place:
 
     usable     = device_memory * (1 - headroom)
     state      = model states per device (params + grads + optimizer; ZeRO shards some)
-    max_micro  = floor((usable - state) / per_sample)        [2^k below it if power_of_two]
+    max_micro  = floor((usable - state) / per_sample)        [2^k below it if power_of_two; <= 2^16]
     global     = micro * accum * world                        [exact whenever possible]
     shares     = ceil(G / world) or floor(G / world) per rank [ddp, when no split is exact: G kept]
     lr         = lr_ref * (global / global_ref)               [linear; sqrt: ** 0.5; none: 1]
@@ -28,6 +28,7 @@ from launcher.config import Config, schema_field
 from launcher.config import Reference as Reference
 
 EPS = 1e-9  # guards floor() against binary fractions: (8 - 1) / 0.07 is 99.99999999999999
+MICRO_BATCH_LIMIT = 1 << 16  # the largest micro-batch considered: the split's search is linear in it
 
 
 class PlanError(ValueError):
@@ -170,8 +171,37 @@ class Plan:
 # ---------------------------------------------------------------------------------------
 
 
+def check(req: Request, hw: Hardware) -> None:
+    """The planner's errors that need neither a memory profile nor the dataset size, all at once.
+
+    Both take a while to get (a model traced, a tokenizer trained), so the driver calls this
+    first: the inputs, and the target global batch against the world size (when its own inputs
+    are valid, and unless it is ``auto_noise_scale`` without its measurement yet). ``plan`` runs
+    the same checks.
+    """
+    errors = _request_errors(req, hw)
+    target_known = (
+        hw.nodes > 0 and hw.devices_per_node > 0 and req.reference.global_batch > 0
+        and (req.global_batch is None or req.global_batch >= 1)
+        and not (req.auto_noise_scale and req.noise_scale is None)
+    )
+    if target_known:
+        try:
+            _target_global(req, hw.world_size, [])
+        except PlanError as e:
+            errors += e.errors
+    if errors:
+        raise PlanError(errors)
+
+
 def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
-    """Plan a task on hardware; every number in the result has a reason."""
+    """Plan a task on hardware; every number in the result has a reason.
+
+    The dataset size (``req.dataset_size``) only sets ``max_steps`` (epochs -> steps) and what
+    follows from it (warmup, milestones), and no error depends on it: a request without it fails
+    exactly where one with it would. So the driver plans once without it, before building any
+    data, and again with the size it counted.
+    """
     _check_inputs(req, hw, mem)
     ref = req.reference
     world = hw.world_size
@@ -277,12 +307,22 @@ def _memory_record(req: Request, hw: Hardware, mem: MemoryProfile, usable: float
 
 
 def _check_inputs(req: Request, hw: Hardware, mem: MemoryProfile) -> None:
+    errors = _request_errors(req, hw)
+    if not mem.per_sample_gb > 0:
+        errors.append(f"planner.memory.per_sample_gb: got {mem.per_sample_gb!r}, expected a number > 0")
+    if mem.model_gb <= 0:
+        errors.append(f"planner.memory.model_gb: got {mem.model_gb!r}, expected a number > 0")
+    if errors:
+        raise PlanError(errors)
+
+
+def _request_errors(req: Request, hw: Hardware) -> list[str]:
+    """The input checks that need no memory profile (``check``, and the first of ``plan``'s)."""
     errors = []
     positive = {
         "cluster.nodes": hw.nodes,
         "cluster.gpus_per_node (or cluster.num_workers)": hw.devices_per_node,
         "cluster.gpu_memory_gb": hw.device_memory_gb,
-        "planner.memory.per_sample_gb": mem.per_sample_gb,
         "recipe.reference.global_batch": req.reference.global_batch,
         "recipe.reference.lr": req.reference.lr,
         "recipe.reference.max_steps": req.reference.max_steps,
@@ -290,8 +330,6 @@ def _check_inputs(req: Request, hw: Hardware, mem: MemoryProfile) -> None:
     for key, value in positive.items():
         if not value > 0:
             errors.append(f"{key}: got {value!r}, expected a number > 0")
-    if mem.model_gb <= 0:
-        errors.append(f"planner.memory.model_gb: got {mem.model_gb!r}, expected a number > 0")
     if not 0 <= req.headroom < 1:
         errors.append(f"planner.headroom: got {req.headroom!r}, expected a fraction in [0, 1)")
     for key, count in {"batch.global_batch": req.global_batch, "batch.micro_batch": req.micro_batch}.items():
@@ -299,8 +337,7 @@ def _check_inputs(req: Request, hw: Hardware, mem: MemoryProfile) -> None:
             errors.append(f"{key}: got {count!r}, expected an integer >= 1")
     if req.max_epochs is not None and req.max_steps is not None:
         errors.append("train.max_epochs and train.max_steps are both set: keep one")
-    if errors:
-        raise PlanError(errors)
+    return errors
 
 
 def _target_global(req: Request, world: int, reasons: list[str]) -> int:
@@ -390,11 +427,18 @@ def _zero_stage(req: Request, hw: Hardware, mem: MemoryProfile, reasons: list[st
 def _max_micro(
     req: Request, hw: Hardware, mem: MemoryProfile, state_gb: float, usable: float, reasons: list[str]
 ) -> int:
-    raw = math.floor((usable - state_gb) / mem.per_sample_gb + EPS)
+    room = (usable - state_gb) / mem.per_sample_gb  # samples that fit; inf when per_sample_gb is tiny
+    raw = math.floor(room + EPS) if room < MICRO_BATCH_LIMIT else MICRO_BATCH_LIMIT
     text = (
         f"max micro-batch {raw} = floor(({hw.device_memory_gb:g} GB x (1 - {req.headroom:g}) - "
         f"{state_gb:.4g} GB model states) / {mem.per_sample_gb:.4g} GB per sample), memory from {mem.source}"
     )
+    if room >= MICRO_BATCH_LIMIT:
+        text = (
+            f"max micro-batch {raw}: the planner's limit (memory would allow {room:.3g} samples: "
+            f"{hw.device_memory_gb:g} GB x (1 - {req.headroom:g}) - {state_gb:.4g} GB model states, "
+            f"{mem.per_sample_gb:.4g} GB per sample, memory from {mem.source})"
+        )
     if raw < 1:
         raise PlanError([f"planner.memory.per_sample_gb: not one sample fits beside the model states: {text}"])
     bound = raw
@@ -502,6 +546,13 @@ def _lr(req: Request, global_batch: int, reasons: list[str]) -> tuple[float, str
     k = global_batch / ref.global_batch
     factor = {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[rule]
     lr = ref.lr * factor
+    if not math.isfinite(lr):
+        raise PlanError(
+            [
+                f"recipe.reference.lr: {ref.lr:g} x {factor:.4g} (global {global_batch} vs reference "
+                f"{ref.global_batch}, {rule} rule) is beyond a float; pin optim.lr or use a smaller batch.global_batch"
+            ]
+        )
     why = {
         "linear": "linear scaling rule (Goyal et al. 2017)",
         "sqrt": "square-root scaling for adaptive optimizers (Krizhevsky 2014; You et al. 2019)",
@@ -540,7 +591,9 @@ def _max_steps(req: Request, global_batch: int, reasons: list[str]) -> int:
         "the reference's samples seen stay the same"
     )
     if req.max_epochs is not None:
-        reasons.append("train.max_epochs needs the dataset size: action=train counts it before planning")
+        reasons.append(
+            "train.max_epochs needs the dataset size: action=train counts it once the data is built, and plans again"
+        )
     return max_steps
 
 
@@ -727,5 +780,6 @@ def _per_device(p: Plan) -> str:
     """The micro-batch row of ``describe``: with uneven shares, the largest micro-batch and the shares."""
     if p.micro_batch * p.grad_accum * p.world_size == p.global_batch:
         return str(p.micro_batch)
-    sizes = sorted(set(shares(p.global_batch, p.world_size)), reverse=True)
+    base, extra = divmod(p.global_batch, p.world_size)  # the sizes of shares(), without listing every rank
+    sizes = [base + 1, base] if extra else [base]
     return f"up to {p.micro_batch}, shares of {' or '.join(map(str, sizes))} samples"

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from launcher import checkpoint, faults
 from launcher.config import Config, validate
 from launcher.control import StopPoll
-from launcher.data import Data, SampleLedger, StepBatches, eval_shard, size
+from launcher.data import Data, SampleLedger, StepBatches, eval_samples, eval_shard, size
 from launcher.hooks import back_off_notice, build_hooks
 from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import apply_plan, build_optimizer, build_scheduler
@@ -123,6 +123,7 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
     hooks = build_hooks(
         log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, checkpoint_every=cfg.train.checkpoint_every,
         evaluate=partial(_evaluate, w), save=partial(_save, saver, w.say), poll=poll,
+        eval_samples=eval_samples(size(w.data.eval), w.world, plan.micro_batch, cfg.train.eval_batches),
         startup=stamps if timed else None, ema=ema, noise=noise,
     )
     return Trainer(model=eng.model, step_fn=eng.step, scheduler=scheduler, batches=batches, plan=plan,

@@ -137,6 +137,7 @@ def test_zero_stage_3_training_is_refused_before_anything_runs(tmp_path: Path) -
     out = launcher("scale=smoke", "engine=deepspeed", "engine.zero_stage=3", cwd=tmp_path)
     assert out.returncode == 2 and "engine.zero_stage: stage 3" in out.stderr and "zero_stage=2" in out.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs" / "ray").exists()
+    assert not (tmp_path / "outputs" / "cache").exists()  # refused before BERT's tokenizer is trained
 
 
 def test_table_output_shows_reasons(tmp_path: Path) -> None:
@@ -172,6 +173,37 @@ def test_bad_plan_input_names_the_key(args: list[str], key: str, tmp_path: Path)
     out = launcher(*OVERRIDE, *base, *args, cwd=tmp_path)
     assert out.returncode == 2, out.stdout
     assert key in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "keys"),
+    [
+        # no memory profile needed: found by planner.check, before the model is traced; collected together
+        (["batch.global_batch=1", "train.max_epochs=1", "train.max_steps=5"],
+         ["batch.global_batch: global batch 1 is smaller than the world size 2",
+          "train.max_epochs and train.max_steps are both set"]),
+        # the memory profile (pinned here, so no model is traced) but not the data
+        (["batch.micro_batch=64", "cluster.gpu_memory_gb=2", "planner.memory.model_gb=0.5",
+          "planner.memory.per_sample_gb=0.1"],
+         ["batch.micro_batch: pinned to 64, above the memory bound 13"]),
+    ],
+    ids=["global-batch-below-world-and-epochs-with-steps", "micro-batch-above-the-memory-bound"],
+)
+def test_planner_errors_come_before_any_data_is_built(args: list[str], keys: list[str], tmp_path: Path) -> None:
+    """action=train: every planner error before the data (here ImageNet smoke's drawn images, into
+    <run.output_dir>/cache), the memory estimate and the MLflow store: the run leaves its cwd empty."""
+    started = time.perf_counter()
+    out = launcher("recipe=imagenet", "scale=smoke", "cluster.num_workers=2", f"run.output_dir={tmp_path / 'out'}",
+                   *args, cwd=tmp_path, env={"LAUNCHER_CACHE": str(tmp_path / "memory"), "MLFLOW_TRACKING_URI": None})
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert all(k in out.stderr for k in keys), out.stderr
+    assert not (tmp_path / "out" / "cache").exists()  # no data built
+    assert not (tmp_path / "memory").exists()  # no memory estimate made (nor cached)
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow store
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing else either
+    assert "plan\n---" not in out.stdout and "Ray" not in out.stdout + out.stderr
+    assert elapsed < 60, elapsed  # the imports and the check (about 5 s idle); not the data
 
 
 @pytest.mark.parametrize(

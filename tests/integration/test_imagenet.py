@@ -94,6 +94,8 @@ def test_a_tree_it_has_not_seen(tmp_path: Path, shared_outputs: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run_id = run_record(tmp_path)
     assert set(history(client, run_id, "eval_top1")) == {3}
+    assert history(client, run_id, "eval_samples") == {3: 13}  # the whole val split (7 + 6 on 2 workers), once
+    assert "eval at step 3 on 13 samples: " in out.stdout
     ckpt = max(shared_outputs.glob(f"ray/*{run_id[:8]}/checkpoint_*/state.pt"))
     state = checkpoint.read_layout(torch.load(ckpt, weights_only=True))["parts"]
     assert state["model"]["net.fc.weight"].shape[0] == 3  # the head has the tree's class count

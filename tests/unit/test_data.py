@@ -1,11 +1,12 @@
-"""The global sample stream: every sample once per epoch, the same set per step at any split."""
+"""The global sample stream: every sample once per epoch, the same set per step at any split; the evaluation
+shards: every sample on exactly one rank."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.data import StepBatches
+from launcher.data import StepBatches, eval_samples, eval_shard
 
 
 def _step_samples(n: int, step: int, micro: int, accum: int, world: int, seed: int = 0) -> list[int]:
@@ -51,3 +52,20 @@ def test_epochs_differ_and_encode_the_epoch() -> None:
     e0, e1 = s.indices(0)[0], s.indices(1)[0]
     assert sorted(e0) == list(range(10)) and sorted(i - 10 for i in e1) == list(range(10))
     assert [i % 10 for i in e0] != [i % 10 for i in e1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 300), world=st.integers(1, 9), micro=st.integers(1, 16), limit=st.integers(0, 6))
+def test_evaluation_shards_cover_the_split_once_and_count_it(n: int, world: int, micro: int, limit: int) -> None:
+    """With no limit every sample is evaluated exactly once across the ranks, however unevenly the world
+    divides the split; ``eval_samples`` (logged as ``eval_samples``) counts what the shards hold."""
+    shards = [eval_shard(n, rank, world, micro, limit) for rank in range(world)]
+    seen = [i for chunks in shards for chunk in chunks for i in chunk]
+    assert all(1 <= len(chunk) <= micro for chunks in shards for chunk in chunks)
+    assert len(seen) == len(set(seen)) == eval_samples(n, world, micro, limit)  # distinct: no sample twice
+    if limit == 0:
+        assert sorted(seen) == list(range(n)) and eval_samples(n, world, micro) == n
+    else:
+        for rank, chunks in enumerate(shards):  # a limit keeps each rank's first micro-batches, whole
+            assert len(chunks) <= limit
+            assert [i for chunk in chunks for i in chunk] == list(range(rank, n, world))[: limit * micro]

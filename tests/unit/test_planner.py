@@ -25,6 +25,7 @@ from launcher.planner import (
     PlanError,
     Reference,
     Request,
+    check,
     deepspeed_config,
     describe,
     plan,
@@ -547,6 +548,74 @@ def test_global_batch_smaller_than_the_world() -> None:
 def test_memory_smaller_than_the_model() -> None:
     message = plan_error(hw=gpus(1, 1, 24), mem=profile(30, 0.1))
     assert "planner.memory.model_gb" in message and "does not fit one device" in message
+
+
+# --- before the data: what fails without a memory profile or the dataset size ----------------------------
+
+
+def test_check_reports_what_needs_no_memory_profile_at_once() -> None:
+    with pytest.raises(PlanError) as info:
+        check(Request(reference=SGD, global_batch=4, max_steps=10, max_epochs=1.0), gpus(1, 8))
+    first, second = info.value.errors
+    assert first.startswith("train.max_epochs and train.max_steps are both set")
+    assert second.startswith("batch.global_batch:") and "smaller than the world size 8" in second
+
+
+def test_check_leaves_to_plan_what_needs_the_memory_profile_or_the_measurement() -> None:
+    check(Request(reference=SGD, micro_batch=100_000), gpus())  # the memory bound is not known yet
+    check(Request(reference=SGD, auto_noise_scale=True), gpus(1, 8))  # looked up after the check
+    check(Request(reference=SGD, global_batch=8), gpus(1, 8))
+    assert "batch.micro_batch: pinned to 100000, above the memory bound 7100" in plan_error(micro_batch=100_000)
+    with pytest.raises(PlanError, match="cluster.nodes") as info:  # no target check on a world of 0
+        check(Request(reference=SGD), gpus(nodes=0))
+    assert len(info.value.errors) == 1
+
+
+STEPS_ONLY = {"max_steps", "warmup_steps", "milestones", "reasons"}  # what the dataset size may change
+requests = st.fixed_dictionaries(
+    {
+        "per_node": st.integers(1, 8),
+        "memory_gb": st.floats(0.5, 40),
+        "model_gb": st.floats(0.1, 8),
+        "per_sample_gb": st.floats(0.01, 2),
+        "global_batch": st.none() | st.integers(1, 64),
+        "micro_batch": st.none() | st.integers(1, 64),
+        "max_steps": st.none() | st.integers(1, 10_000),
+        "max_epochs": st.none() | st.floats(0.1, 100),
+        "engine": st.sampled_from(["ddp", "deepspeed"]),
+        "dataset_size": st.integers(1, 10**6),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests)
+def test_the_dataset_size_changes_only_the_steps_and_never_an_error(r: dict) -> None:
+    """What lets the driver plan before building any data: a request without the dataset size fails exactly
+    where one with it does, and else the two plans differ only in the steps; ``check`` refuses nothing
+    that ``plan`` would accept."""
+    ref = replace(RESNET, epochs=90.0, schedule="step", milestones=(0.3, 0.6))  # epochs: the size sets the steps
+    hw, mem = gpus(1, r["per_node"], r["memory_gb"]), profile(r["model_gb"], r["per_sample_gb"])
+    asked = {k: r[k] for k in ("global_batch", "micro_batch", "max_steps", "max_epochs", "engine")}
+
+    def outcome(dataset_size: int | None) -> Plan | list[str]:
+        try:
+            return plan(Request(reference=ref, dataset_size=dataset_size, **asked), hw, mem)
+        except PlanError as e:
+            return e.errors
+
+    without, counted = outcome(None), outcome(r["dataset_size"])
+    if isinstance(without, list):
+        assert counted == without
+    else:
+        assert isinstance(counted, Plan)
+        assert {k: v for k, v in without.to_dict().items() if k not in STEPS_ONLY} == {
+            k: v for k, v in counted.to_dict().items() if k not in STEPS_ONLY
+        }
+    try:
+        check(Request(reference=ref, **asked), hw)
+    except PlanError as e:
+        assert isinstance(without, list) and without[0] in e.errors
 
 
 # --- the plan as output --------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_build_hooks_order() -> None:
     from launcher.noise import LocalGradNorm
 
     built = hooks.build_hooks(
-        log_every=1, eval_every=0, checkpoint_every=0, evaluate=lambda _m: {},
+        log_every=1, eval_every=0, checkpoint_every=0, evaluate=lambda _m: {}, eval_samples=1,
         save=lambda _s, _m: None, poll=None, startup={"launched_at": 0.0}, ema=ema,
         noise=(LocalGradNorm(), NoiseScale(b_small=1, b_big=2)),
     )
@@ -144,20 +144,38 @@ def test_build_hooks_order() -> None:
         "StartupTiming", "NoiseScaleHook", "EMAHook", "Metrics", "Evaluate", "PeriodicCheckpoint", "GracefulStop",
     ]
     plain = hooks.build_hooks(log_every=1, eval_every=0, checkpoint_every=0,
-                              evaluate=lambda _m: {}, save=lambda _s, _m: None, poll=None)
+                              evaluate=lambda _m: {}, eval_samples=1, save=lambda _s, _m: None, poll=None)
     assert [type(h).__name__ for h in plain] == ["Metrics", "Evaluate", "PeriodicCheckpoint", "GracefulStop"]
 
 
 def test_metrics_hook_logs_the_global_batch_mean_at_log_steps_and_the_end() -> None:
     p = tiny_plan(max_steps=5)
+    lines: list[str] = []
     t = trainer(p, hooks.build_hooks(log_every=2, eval_every=0, checkpoint_every=0,
-                                     evaluate=lambda _m: {"eval_mse": 1.0}, save=lambda _s, _m: None, poll=None))
+                                     evaluate=lambda _m: {"eval_mse": 1.0}, eval_samples=13,
+                                     save=lambda _s, _m: None, poll=None))
+    t.say = lines.append
     t.fit()
     logged = [(s, m) for s, m in t.tracker.metrics if "loss" in m]  # type: ignore[attr-defined]
     assert [s for s, _ in logged] == [2, 4, 5]
     assert all(m["samples_per_s"] > 0 and m["micro_batch"] == 4 and m["grad_accum"] == 2 for _, m in logged)
     assert all(m["loss"] == m["mse"] for _, m in logged)
     assert t.metrics["eval_mse"] == 1.0  # the last evaluation joined the last metrics
+    # each evaluation says how many distinct samples it covered over all ranks, beside its metrics
+    evals = [m for _, m in t.tracker.metrics if "eval_mse" in m]  # type: ignore[attr-defined]
+    assert evals == [{"eval_samples": 13, "eval_mse": 1.0}]
+    assert "eval at step 5 on 13 samples: eval_mse 1.0000" in lines
+
+
+def test_the_ema_is_evaluated_on_the_same_samples_counted_once() -> None:
+    p = tiny_plan(max_steps=2)
+    model = tiny()
+    ema = AveragedModel(model)
+    t = trainer(p, [hooks.Evaluate(0, lambda m: {"eval_mse": 2.0 if m is ema else 1.0}, ema, samples=104)],
+                model=model)
+    t.fit()
+    logged = t.tracker.metrics  # type: ignore[attr-defined]
+    assert logged == [(2, {"eval_samples": 104, "eval_mse": 1.0, "eval_ema_mse": 2.0})]  # no eval_ema_samples
 
 
 def test_ema_hook_averages_the_weights_after_every_step() -> None:
@@ -183,7 +201,7 @@ def test_graceful_stop_ends_after_the_step_with_a_checkpoint() -> None:
     saved: list[int] = []
     lines: list[str] = []
     t = trainer(p, hooks.build_hooks(log_every=5, eval_every=0, checkpoint_every=0,
-                                     evaluate=lambda _m: {}, save=lambda s, _m: saved.append(s),
+                                     evaluate=lambda _m: {}, eval_samples=1, save=lambda s, _m: saved.append(s),
                                      poll=lambda: next(asked)))
     t.say = lines.append
     t.fit()
