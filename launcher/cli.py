@@ -3,8 +3,8 @@
 The only module that imports Hydra. It composes ``conf/config.yaml`` with the command-line
 overrides, checks every key before anything heavy is imported (no torch, no Ray), then
 hands a typed ``Config`` to the action: ``plan`` prints the plan and exits, ``train`` and
-``lr_find`` launch it, ``submit`` sends it to a Ray cluster as a job, and ``status``, ``logs``
-and ``stop`` ask about that job.
+``lr_find`` launch it, ``submit`` sends it to a Ray cluster as a job, ``status``, ``logs``
+and ``stop`` ask about that job, and ``manifest`` prints a KubeRay RayJob that runs it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ USAGE = """usage: python -m launcher [group=choice ...] [key=value ...]
 groups:   recipe={recipes}  scale={scales}  cluster={clusters}  tracking={trackings}  engine={engines}
 actions:  action=train (default) | action=plan [plan.format=json] | action=lr_find [lr_find.steps=100]
           cluster=ray: action=submit | action=status|logs|stop [run.job_id=... or run.name=...]
+          cluster=ray: action=manifest cluster.image=... run.name=...   # a KubeRay RayJob on stdout
 
 examples:
   python -m launcher scale=smoke                         # BERT smoke run on 2 CPU workers
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.cluster import job
 
             return job(cfg)
+        if cfg.action == "manifest":
+            from launcher.manifest import run
+
+            return run(cfg, argv)
         if cfg.action == "submit":
             from launcher.launch import submit
 

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from launcher.devices import GPUS
+
 # ---------------------------------------------------------------------------------------
 # Fields: a default, a one-line doc and an optional range check, side by side.
 # ---------------------------------------------------------------------------------------
@@ -287,6 +289,10 @@ class Planner:
     power_of_two: bool = setting(False, "only powers of two as micro-batch")
     lr_rule: Literal["linear", "sqrt", "none", "auto"] = setting("auto", "auto: the recipe's rule")
     bn_min_group: int = setting(32, "samples per BatchNorm statistics group below which norm changes", AT_LEAST_1)
+    mfu: float = setting(
+        0.4, "assumed model FLOP utilization: the share of the GPU's peak the step reaches (time to train)",
+        (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    )
     advise: bool = setting(False, "compare the global batch with the last measured noise scale of this recipe")
     memory: Memory = section(Memory, "override the memory profile")
 
@@ -313,6 +319,7 @@ class Cluster:
     kind: Literal["local", "ray"] = setting("local", "local: an embedded Ray; ray: an existing Ray cluster")
     address: str | None = setting(None, "ray: the cluster (null: $RAY_ADDRESS, else auto); submit: its job API too")
     storage_path: str | None = setting(None, "ray: checkpoints, shared by all nodes (absolute path or URI); required")
+    image: str | None = setting(None, "action=manifest: the container image of the Ray pods (`make docker`); required")
     max_failures: int = setting(
         0,
         "worker-group restarts from the latest checkpoint before the run fails",
@@ -321,6 +328,12 @@ class Cluster:
     nodes: int = setting(1, "nodes (used when gpus_per_node describes hardware)", AT_LEAST_1)
     gpus_per_node: int | None = setting(None, "null: detected (0 without GPUs)", NON_NEGATIVE)
     gpu_memory_gb: float | None = setting(None, "null: detected", POSITIVE)
+    gpu_type: str | None = setting(
+        None,
+        "which GPU (its peak FLOP/s, for the plan's time to train); null: the GPU's own name when one is here",
+        (lambda v: v in GPUS, "one of " + ", ".join(GPUS)),
+    )
+    gpu_hour_usd: float | None = setting(None, "price of one GPU-hour: the plan shows the cost", POSITIVE)
     num_workers: int | None = setting(None, "null: nodes x GPUs, or 2 CPU workers without GPUs", AT_LEAST_1)
     use_gpu: bool | Literal["auto"] = setting("auto", "auto: GPUs when there are any")
     cpus_per_worker: int = setting(1, "CPUs Ray reserves per training worker", AT_LEAST_1)
@@ -345,7 +358,7 @@ class Tracking:
 
 @dataclass(kw_only=True)
 class Config:
-    action: Literal["train", "plan", "lr_find", "submit", "status", "logs", "stop"] = setting(
+    action: Literal["train", "plan", "lr_find", "submit", "status", "logs", "stop", "manifest"] = setting(
         "train", "what to do with the task"
     )
     choices: dict[str, str] = field(default_factory=dict, metadata=about("Hydra group choices (filled in)"))
@@ -431,6 +444,41 @@ def run_name_errors(run: Any) -> list[str]:
     return [f"run.name: got {name!r}, expected {RUN_NAME_ALLOWED}"]
 
 
+# A RayJob's name: a DNS-1035 label of at most 47 characters (KubeRay 1.5 ValidateRayJobMetadata:
+# MaxRayJobNameLength = 53 - 6, as its RayCluster and their Services are named after it)
+RAYJOB_NAME_MAX = 47
+_RAYJOB_NAME = re.compile(r"[a-z]([a-z0-9-]*[a-z0-9])?")
+
+
+def rayjob_name(run_name: str) -> str | None:
+    """The RayJob name of a run: ``run.name`` lowercased, each '_' and '.' made '-'; None when that is not a
+    DNS-1035 label (a letter first, a letter or digit last) of at most 47 characters."""
+    name = run_name.lower().replace("_", "-").replace(".", "-")
+    return name if len(name) <= RAYJOB_NAME_MAX and _RAYJOB_NAME.fullmatch(name) else None
+
+
+def _manifest_errors(cfg: Config) -> list[str]:
+    """``action=manifest`` describes a cluster that does not exist yet: its image, its hardware, a run name."""
+    errors = []
+    if cfg.cluster.kind != "ray":
+        errors.append("action: manifest writes a KubeRay RayJob; add cluster=ray (and cluster.storage_path)")
+    if not cfg.cluster.image:
+        errors.append("cluster.image: required with action=manifest: the image of the Ray pods (e.g. "
+                      "cluster.image=registry.example.com/launcher:latest; `make docker` builds it)")
+    if not cfg.cluster.gpus_per_node or cfg.cluster.gpu_memory_gb is None:
+        errors.append("cluster.gpus_per_node: action=manifest plans the cluster it describes: give "
+                      "cluster.nodes, cluster.gpus_per_node (>= 1) and cluster.gpu_memory_gb")
+    if not cfg.run.name:
+        errors.append("run.name: required with action=manifest: it names the RayJob (and resumes the run)")
+    elif rayjob_name(cfg.run.name) is None:
+        errors.append(
+            f"run.name: got {cfg.run.name!r}; the RayJob is named after it (lowercased, '_' and '.' as '-'), "
+            f"which must start with a letter, end with a letter or digit and have at most {RAYJOB_NAME_MAX} "
+            "characters (KubeRay 1.5)"
+        )
+    return errors
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     """Rules that involve more than one key."""
     errors = []
@@ -438,7 +486,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append(f"lr_find.max_lr: got {cfg.lr_find.max_lr:g}, expected a number > lr_find.min_lr")
     storage = cfg.cluster.storage_path
     if cfg.cluster.kind == "ray":
-        if not storage and cfg.action in ("train", "lr_find", "submit"):
+        if not storage and cfg.action in ("train", "lr_find", "submit", "manifest"):
             errors.append(
                 "cluster.storage_path: required with cluster=ray: a path every node sees (NFS, EFS, a "
                 "mounted volume; absolute) or an object-store URI (s3://bucket/runs, gs://...)"
@@ -452,6 +500,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append(
             "cluster.storage_path: only used with cluster=ray (local runs keep checkpoints in run.output_dir)"
         )
+    if cfg.action == "manifest":
+        errors += _manifest_errors(cfg)
     if cfg.action in ("submit", "status", "logs", "stop") and cfg.cluster.kind != "ray":
         errors.append(
             f"action: {cfg.action} talks to a Ray cluster's job API; add cluster=ray "

@@ -76,7 +76,8 @@ def prepare_plan(cfg: Config) -> Planning:
 
     try:
         hw = detect_hardware(cfg.cluster)
-        if cfg.action == "train" and cfg.cluster.gpus_per_node and hw.device == "cuda":
+        local = cfg.cluster.kind == "local"  # on a cluster the driver (a RayJob's head pod) has no GPUs itself
+        if cfg.action == "train" and local and cfg.cluster.gpus_per_node and hw.device == "cuda":
             import torch
 
             if torch.cuda.device_count() < hw.devices_per_node:

@@ -10,6 +10,10 @@ The profile comes from, in order of preference:
 3. a device-free estimate: parameter, gradient and optimizer-state bytes counted from the
    model, activation bytes per sample from the tensors autograd saves during a CPU forward
    pass at micro-batch 2 and 4 (``torch.autograd.graph.saved_tensors_hooks``), cached.
+
+The same forward passes count the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``;
+backward = 2x forward), and the GPU probe times its steps: the planner's step time and time to
+train come from them (``Plan.step_time_s``; the probe's measurement wins).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from launcher.config import Cluster, Config, to_dict, validate
+from launcher.devices import GPUS, gpu_type_of
 from launcher.planner import Hardware, MemoryProfile
 
 GB = 1024**3
@@ -45,24 +51,29 @@ def detect_hardware(cluster: Cluster) -> Hardware:
     if cluster.kind == "ray" and not cluster.gpus_per_node:
         from launcher.cluster import hardware
 
-        return hardware(cluster)
+        return dataclasses.replace(hardware(cluster), gpu_type=cluster.gpu_type)
     if cluster.gpus_per_node:
         memory = cluster.gpu_memory_gb
+        if memory is None and cluster.gpu_type is not None:
+            memory = GPUS[cluster.gpu_type].memory_gb
         if memory is None and torch.cuda.is_available():
             memory = torch.cuda.get_device_properties(0).total_memory / GB
         if memory is None:
             raise ValueError(
                 "cluster.gpu_memory_gb: required when cluster.gpus_per_node describes GPUs that are not "
-                "on this machine (e.g. cluster.gpu_memory_gb=80)"
+                "on this machine (e.g. cluster.gpu_memory_gb=80, or cluster.gpu_type=h100)"
             )
-        return Hardware(nodes=cluster.nodes, devices_per_node=cluster.gpus_per_node, device_memory_gb=memory)
+        return Hardware(nodes=cluster.nodes, devices_per_node=cluster.gpus_per_node, device_memory_gb=memory,
+                        gpu_type=cluster.gpu_type)  # fmt: skip
     want_gpu = cluster.use_gpu is True or (cluster.use_gpu == "auto" and torch.cuda.is_available())
     if want_gpu:
         if not torch.cuda.is_available():
             raise ValueError("cluster.use_gpu: true, but torch sees no CUDA device here (use auto or false)")
         count = cluster.num_workers or torch.cuda.device_count()
         memory = cluster.gpu_memory_gb or torch.cuda.get_device_properties(0).total_memory / GB
-        return Hardware(nodes=cluster.nodes, devices_per_node=count, device_memory_gb=memory)
+        name = torch.cuda.get_device_name(0)
+        return Hardware(nodes=cluster.nodes, devices_per_node=count, device_memory_gb=memory, gpu_name=name,
+                        gpu_type=cluster.gpu_type or gpu_type_of(name, memory))  # fmt: skip
     workers = cluster.num_workers or DEFAULT_CPU_WORKERS
     host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     share = cluster.gpu_memory_gb or host_gb / workers
@@ -98,7 +109,8 @@ def memory_profile(cfg: Config, recipe: Any, hw: Hardware | None = None) -> Memo
 def _scaled(base: MemoryProfile, model_gb: float, per_sample_gb: float, *, source: str, detail: str) -> MemoryProfile:
     """``base`` with its model states scaled to ``model_gb`` (keeping the params/grads/optimizer split)."""
     k = model_gb / base.model_gb
-    return MemoryProfile(
+    return dataclasses.replace(  # the FLOP count and step timing kept
+        base,
         params_gb=base.params_gb * k,
         grads_gb=base.grads_gb * k,
         optimizer_gb=base.optimizer_gb * k,
@@ -132,7 +144,8 @@ def probe(cfg: Config, est: MemoryProfile) -> MemoryProfile:
         return _with_note(est, "the GPU probe timed out after 600 s")
     if child.returncode != 0:
         return _with_note(est, f"the GPU probe failed: {child.stderr.strip().splitlines()[-1:]}")
-    peaks = {int(n): v for n, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    peaks = {int(n): v for n, v in measured["peak"].items()}
     if "oom" in peaks.values() or len(peaks) < 2:
         return _with_note(est, f"the GPU probe ran out of memory ({peaks})")
     (a, pa), (b, pb) = sorted(peaks.items())
@@ -146,16 +159,33 @@ def probe(cfg: Config, est: MemoryProfile) -> MemoryProfile:
         detail=f"peak CUDA memory on {name} over 2 optimizer steps at micro-batch {a} ({pa / GB:.3g} GB) and "
         f"{b} ({pb / GB:.3g} GB), fitted linearly; params/grads/optimizer split as counted",
     )
+    profile = dataclasses.replace(profile, **_step_fit({int(n): t for n, t in measured["step_s"].items()}, name))
     _write(cache, profile)
     return profile
+
+
+def _step_fit(step_s: dict[int, float], name: str) -> dict[str, Any]:
+    """``MemoryProfile``'s step-time fields from the probe's timed steps: t(n) = fixed + n x per_sample."""
+    (a, ta), (b, tb) = sorted(step_s.items())
+    per_sample = max(tb - ta, 0.0) / (b - a)
+    fixed = max(ta - a * per_sample, 0.0)
+    if per_sample <= 0:
+        return {"step_detail": f"the probe's step times on {name} did not grow with the micro-batch ({step_s})"}
+    return {
+        "step_s_fixed": fixed,
+        "step_s_per_sample": per_sample,
+        "step_detail": f"the second optimizer step on {name} took {ta:.3g} s at micro-batch {a} and {tb:.3g} s "
+        f"at {b}, fitted linearly",
+    }
 
 
 def _with_note(est: MemoryProfile, note: str) -> MemoryProfile:
     return dataclasses.replace(est, detail=f"{est.detail}; {note}")
 
 
-def _probe_here(cfg: Config) -> dict[int, float | str]:
-    """In the child: a few real optimizer steps per size on cuda:0; peak bytes, or "oom"."""
+def _probe_here(cfg: Config) -> dict[str, dict[int, float | str]]:
+    """In the child: a few real optimizer steps per size on cuda:0; peak bytes, or "oom", and the seconds
+    of the second step (the first allocates the optimizer state and warms the kernels up)."""
     from launcher.step import autocast
     from recipes import RECIPES
 
@@ -165,25 +195,30 @@ def _probe_here(cfg: Config) -> dict[int, float | str]:
     states = OPTIMIZER_STATES[cfg.recipe.reference.optimizer]
     opt = torch.optim.AdamW(model.parameters()) if states == 2 else torch.optim.SGD(model.parameters(), momentum=0.9)
     peaks: dict[int, float | str] = {}
+    step_s: dict[int, float | str] = {}
     for n in PROBE_SIZES:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
             for _ in range(2):  # the second step runs with optimizer state allocated
                 batch = {k: v.to(device) for k, v in recipe.example_batch(cfg, n).items()}
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
                 with autocast(device, cfg.train.precision):
                     out = model(batch)
                 sum(out.values()).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize(device)
+                step_s[n] = time.perf_counter() - start
             peaks[n] = float(torch.cuda.max_memory_allocated(device))
         except torch.OutOfMemoryError:
             peaks[n] = "oom"
             break
-    return peaks
+    return {"peak": peaks, "step_s": step_s}
 
 
-CACHE_VERSION = 3  # bumped when the estimate or probe method changes, so no stale profile is read
+CACHE_VERSION = 4  # bumped when the estimate or probe method changes, so no stale profile is read
 
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
 
@@ -202,7 +237,7 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     states = OPTIMIZER_STATES[optimizer] * trainable
-    per_sample = _activations_per_sample(model, recipe, cfg)
+    per_sample, flops, flops_detail = _trace(model, recipe, cfg)
     profile = MemoryProfile(
         params_gb=params / GB,
         grads_gb=trainable / GB,
@@ -214,6 +249,8 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
             f"{optimizer} state (fp32); activations autograd saves per sample, traced on CPU at the recipe's "
             "full input size in fp32 (temporaries not counted: planner.headroom covers them)"
         ),
+        flops_per_sample=flops,
+        flops_detail=flops_detail,
     )
     _write(cache, profile)
     return profile
@@ -265,23 +302,51 @@ class SavedBytes:
 
 
 def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float:
-    """Bytes autograd saves for backward, per sample: (f(4) - f(2)) / 2, at least f(4) / 4.
+    """Bytes autograd saves for backward, per sample (``_trace``'s first figure)."""
+    return _trace(model, recipe, cfg)[0]
+
+
+def _cpu_sdpa_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of the CPU kernel of ``scaled_dot_product_attention``, which torch's counter does not list."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(q, k, v))
+
+
+def _trace(model: nn.Module, recipe: Any, cfg: Config) -> tuple[float, float | None, str]:
+    """Per sample, from a training-mode CPU forward at micro-batch 2 and 4: the bytes autograd saves for
+    backward, ``(f(4) - f(2)) / 2``, at least ``f(4) / 4``; the FLOPs of forward + backward, counted alike
+    with ``FlopCounterMode`` (backward = 2x forward: a gradient for the input and one for the weight per
+    matmul); and how they were counted (or why not: then None).
 
     Each saved tensor counted once (``SavedBytes``): a ReLU output that the next layer also
     saves is one tensor, not two.
     """
-    def saved_bytes(n: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})  # fmt: skip
+
+    def saved_bytes(n: int) -> tuple[int, int]:
         saved = SavedBytes(model.parameters())
         batch = recipe.example_batch(cfg, n)
         model.train()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), counter:
             out = model(batch)  # kept until counted, so no saved tensor's address is reused meanwhile
         del out
-        return saved.total
+        return saved.total, counter.get_total_flops()
 
     # micro-batch 2 and 4, not 1: BatchNorm refuses one sample per channel in training mode
-    two, four = saved_bytes(2), saved_bytes(4)
-    return float(max((four - two) / 2, math.ceil(four / 4)))
+    (two, f2), (four, f4) = saved_bytes(2), saved_bytes(4)
+    forward = max((f4 - f2) / 2, f4 / 4)
+    bytes_per_sample = float(max((four - two) / 2, math.ceil(four / 4)))
+    if forward <= 0:
+        return bytes_per_sample, None, "the FLOP counter found no matmul or convolution in the model's forward"
+    detail = (
+        f"{3 * forward / 1e9:.4g} GFLOP/sample = 3 x {forward / 1e9:.4g} GFLOP forward (FlopCounterMode on a CPU "
+        "forward at the recipe's full input size; backward = 2x forward, frozen layers counted as trained)"
+    )
+    return bytes_per_sample, 3 * forward, detail
 
 
 if __name__ == "__main__":  # the probe's child process: config JSON in, {size: peak bytes} JSON out

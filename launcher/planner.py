@@ -15,6 +15,8 @@ The arithmetic, in one place:
     lr         = lr_ref * (global / global_ref)               [linear; sqrt: ** 0.5; none: 1]
     max_steps  = ceil(max_steps_ref * global_ref / global)    [same samples seen]
     warmup     = round(warmup_ref * global_ref / global)      [same warmup samples]
+    step_time  = ceil(global / world) * flops_per_sample / (peak * mfu)   [or the GPU probe's measured step]
+    time_h     = max_steps * step_time / 3600;  gpu_hours = time_h * world;  cost = gpu_hours * gpu_hour_usd
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from launcher.config import Anchor as Anchor  # re-exported: the planner's input types are the config's
 from launcher.config import Config, schema_field
 from launcher.config import Reference as Reference
+from launcher.devices import GPUS
 
 EPS = 1e-9  # guards floor() against binary fractions: (8 - 1) / 0.07 is 99.99999999999999
 MICRO_BATCH_LIMIT = 1 << 16  # the largest micro-batch considered: the split's search is linear in it
@@ -72,6 +75,8 @@ class Request:
     advise: bool = _default("planner.advise")
     noise_scale: float | None = None  # the last measured B_simple of this recipe (MLflow), if any
     noise_source: str = ""  # where it was measured (run, step)
+    mfu: float = _default("planner.mfu")  # assumed share of the peak FLOP/s a step reaches
+    gpu_hour_usd: float | None = _default("cluster.gpu_hour_usd")  # set: the plan shows the cost
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +85,8 @@ class Hardware:
     devices_per_node: int
     device_memory_gb: float
     device: str = "cuda"  # cuda | cpu
+    gpu_type: str | None = None  # a key of launcher/devices.py GPUS (cluster.gpu_type, or the GPU's own name)
+    gpu_name: str = ""  # the local GPU's own name (torch.cuda.get_device_name), when one is here
 
     @property
     def world_size(self) -> int:
@@ -96,6 +103,12 @@ class MemoryProfile:
     per_sample_gb: float
     source: str  # override | probe | estimate
     detail: str = ""
+    # what a training step costs in compute, where it was counted or measured (None: not known)
+    flops_per_sample: float | None = None  # forward + backward FLOPs of one sample (the estimate counts them)
+    flops_detail: str = ""  # how they were counted, or why they were not
+    step_s_fixed: float | None = None  # the GPU probe: seconds of one optimizer step at micro-batch 0 (fitted)
+    step_s_per_sample: float | None = None  # the GPU probe: seconds each sample adds to a step (fitted)
+    step_detail: str = ""  # where and how the step was timed
 
     @property
     def model_gb(self) -> float:
@@ -140,6 +153,11 @@ class Plan:
     reasons: tuple[str, ...] = ()  # one per decision, in the order the rules ran
     deepspeed: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()  # added by the driver after planning (a resume); printed after the reasons
+    step_time_s: float | None = None  # one optimizer step (None: not estimated; the reasons say why)
+    time_to_train_h: float | None = None  # max_steps x step_time_s
+    gpu_hours: float | None = None  # time_to_train_h x world_size
+    cost_usd: float | None = None  # gpu_hours x cluster.gpu_hour_usd, when a price is given
+    time_basis: str = ""  # the figure the step time comes from, in a few words
 
     def with_reasons(self, *reasons: str) -> Plan:
         """This plan with more reasons (e.g. the DeepSpeed config check)."""
@@ -220,6 +238,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     norm = _norm(req, micro, world, hw.device, reasons)
     _advice(req, global_batch, reasons)
     milestones = _milestones(req, max_steps, reasons)
+    timing = _time(req, hw, mem, global_batch, accum, max_steps, reasons)
     return Plan(
         world_size=world,
         device=hw.device,
@@ -242,6 +261,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
         memory=_memory_record(req, hw, mem, usable, state_gb),
         reasons=tuple(reasons),
         deepspeed=_deepspeed(req, hw, global_batch, micro, accum, zero) if req.engine == "deepspeed" else None,
+        **timing,
     )
 
 
@@ -306,6 +326,80 @@ def _memory_record(req: Request, hw: Hardware, mem: MemoryProfile, usable: float
 # --- the rules, each small and each appending its reason ------------------------------
 
 
+def _time(
+    req: Request, hw: Hardware, mem: MemoryProfile, global_batch: int, accum: int, max_steps: int, reasons: list[str]
+) -> dict[str, Any]:
+    """``Plan``'s time fields: step time, ``max_steps`` of them, x world in GPU-hours, x price; or none, and why."""
+    step, basis, detail = _step_time(req, hw, mem, global_batch, accum)
+    if step is None:
+        reasons.append(f"time to train not estimated: {detail}")
+        return {}
+    hours = max_steps * step / 3600
+    gpu_hours = hours * hw.world_size
+    cost = None if req.gpu_hour_usd is None else gpu_hours * req.gpu_hour_usd
+    if not all(math.isfinite(v) and v > 0 for v in (step, hours, gpu_hours, cost or 1.0)):
+        reasons.append(
+            f"time to train not estimated: the step time ({step:.3g} s) is beyond a float or zero; "
+            "check planner.mfu and cluster.gpu_hour_usd"
+        )
+        return {}
+    reasons.append(f"step time {_num(step)} s {detail}")
+    reasons.append(
+        f"time to train {_num(hours)} h = {max_steps} steps x {_num(step)} s; GPU-hours {_num(gpu_hours)} = "
+        f"{_num(hours)} h x {hw.world_size} GPUs"
+    )
+    if cost is not None:
+        reasons.append(
+            f"cost ${_num(cost)} = {_num(gpu_hours)} GPU-hours x ${req.gpu_hour_usd:g} (cluster.gpu_hour_usd)"
+        )
+    return {"step_time_s": step, "time_to_train_h": hours, "gpu_hours": gpu_hours, "cost_usd": cost,
+            "time_basis": basis}  # fmt: skip
+
+
+def _step_time(
+    req: Request, hw: Hardware, mem: MemoryProfile, global_batch: int, accum: int
+) -> tuple[float | None, str, str]:
+    """(seconds per optimizer step, the figure in a few words, the arithmetic and its sources), or (None, "", why).
+
+    The GPU probe's measured step wins over a FLOP count at an assumed share of the datasheet peak.
+    """
+    share = -(-global_batch // hw.world_size)  # the largest rank's samples: the slowest rank sets the step
+    unseen = "the gradient all-reduce and data loading are not counted"
+    if hw.device != "cuda":
+        return None, "", (
+            "the workers are CPUs, which have no datasheet peak here; to plan GPUs that are not on this machine, "
+            "describe them: cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 cluster.gpu_type=h100"
+        )
+    if mem.step_s_fixed is not None and mem.step_s_per_sample is not None:
+        step = accum * mem.step_s_fixed + share * mem.step_s_per_sample
+        return step, f"measured by the GPU probe on {hw.gpu_name or 'this GPU'}", (
+            f"= {accum} micro-step(s) x {mem.step_s_fixed:.3g} s + {share} samples per rank x "
+            f"{mem.step_s_per_sample:.3g} s/sample, measured by the GPU probe ({mem.step_detail}); {unseen}"
+        )
+    gpu = GPUS.get(hw.gpu_type or "")
+    if gpu is None:
+        here = f"the GPU here, {hw.gpu_name!r}, is not in the table; " if hw.gpu_name else ""
+        return None, "", (
+            f"no gpu_type: {here}set cluster.gpu_type to one of {', '.join(GPUS)} (launcher/devices.py) "
+            f"to estimate it from the GPU's peak FLOP/s ({hw.device_memory_gb:g} GB could be an H100 or an A100)"
+        )
+    if mem.flops_per_sample is None:
+        why = mem.flops_detail or (
+            "planner.memory.model_gb and per_sample_gb override the memory profile, so the model is not traced"
+            if mem.source == "override" else "the memory profile carries none"
+        )
+        return None, "", f"no FLOP count of the model's step: {why}"
+    fp32 = req.precision == "fp32"
+    peak, precision = (gpu.fp32_tflops, "fp32") if fp32 else (gpu.bf16_tflops, "bf16 dense")
+    step = share * mem.flops_per_sample / (peak * 1e12 * req.mfu)
+    basis = f"estimated at {req.mfu:.0%} of the {gpu.name}'s {peak:g} TFLOP/s {precision}"
+    return step, basis, (
+        f"= {share} samples per rank x {mem.flops_per_sample / 1e9:.4g} GFLOP/sample / ({req.mfu:.0%} x {peak:g} "
+        f"TFLOP/s): {basis} (planner.mfu; {gpu.source}; train.precision={req.precision}); "
+        f"FLOPs {mem.flops_detail}; {unseen}"
+    )
+
+
 def _check_inputs(req: Request, hw: Hardware, mem: MemoryProfile) -> None:
     errors = _request_errors(req, hw)
     if not mem.per_sample_gb > 0:
@@ -330,6 +424,10 @@ def _request_errors(req: Request, hw: Hardware) -> list[str]:
     for key, value in positive.items():
         if not value > 0:
             errors.append(f"{key}: got {value!r}, expected a number > 0")
+    if not 0 < req.mfu <= 1:
+        errors.append(f"planner.mfu: got {req.mfu!r}, expected a fraction in (0, 1]")
+    if req.gpu_hour_usd is not None and not req.gpu_hour_usd > 0:
+        errors.append(f"cluster.gpu_hour_usd: got {req.gpu_hour_usd!r}, expected a number > 0")
     if not 0 <= req.headroom < 1:
         errors.append(f"planner.headroom: got {req.headroom!r}, expected a fraction in [0, 1)")
     for key, count in {"batch.global_batch": req.global_batch, "batch.micro_batch": req.micro_batch}.items():
@@ -741,6 +839,8 @@ def request_from_config(
         zero_stage=None if cfg.engine.zero_stage == "auto" else int(cfg.engine.zero_stage),
         grad_clip=cfg.train.grad_clip,
         precision=cfg.train.precision,
+        mfu=cfg.planner.mfu,
+        gpu_hour_usd=cfg.cluster.gpu_hour_usd,
     )
 
 
@@ -767,6 +867,7 @@ def describe(p: Plan) -> str:
             f"{p.memory['source']}: {p.memory['model_state_per_device_gb']:.3g} GB states/device, "
             f"{p.memory['per_sample_gb']:.3g} GB/sample, {p.memory['usable_gb']:.3g} GB usable",
         ),
+        *_time_rows(p),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["plan", "-" * 60] + [f"{k:<{width}}  {v}" for k, v in rows] + ["", "why:"]
@@ -774,6 +875,26 @@ def describe(p: Plan) -> str:
     if p.notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def _time_rows(p: Plan) -> list[tuple[str, Any]]:
+    """The time rows of ``describe``: step time, time to train, GPU-hours, cost (or why there are none)."""
+    if p.step_time_s is None or p.time_to_train_h is None or p.gpu_hours is None:
+        return [("time to train", "not estimated (see why)")]
+    days = f" ({_num(p.time_to_train_h / 24)} days)" if p.time_to_train_h >= 48 else ""
+    rows: list[tuple[str, Any]] = [
+        ("step time", f"{_num(p.step_time_s)} s ({p.time_basis})"),
+        ("time to train", f"{_num(p.time_to_train_h)} h{days} for {p.max_steps} steps"),
+        ("GPU-hours", f"{_num(p.gpu_hours)} ({p.world_size} GPUs)"),
+    ]
+    if p.cost_usd is not None:
+        rows.append(("cost", f"${_num(p.cost_usd)} ({_num(p.gpu_hours)} GPU-hours x cluster.gpu_hour_usd)"))
+    return rows
+
+
+def _num(x: float) -> str:
+    """3 significant digits, thousands separated: 0.412, 70.5, 4,512."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _per_device(p: Plan) -> str:

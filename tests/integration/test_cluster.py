@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +28,9 @@ TOKEN = secrets.token_hex(32)  # the test cluster's authentication token
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(GCS address, job API address) of a token-authenticated head on loopback with 4 CPUs and the dashboard."""
-    temp = tmp_path_factory.mktemp("rayhead")
+    # a short path of its own: Ray's socket paths under it must stay within AF_UNIX's 107 bytes,
+    # which pytest's per-worker temp folders (.../popen-gw1/rayhead0/session_<date>/sockets/...) pass
+    temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     port, dashboard = free_port(), free_port()
     env = {
         **os.environ,
@@ -42,7 +46,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
          f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
          # its own job agent port: Ray's default (52365) is taken by any other Ray on this machine
          f"--dashboard-agent-listen-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
     )
     api = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 90
@@ -54,7 +58,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
         except OSError:
             if time.time() > deadline or head.poll() is not None:
                 head.kill()
-                pytest.fail("ray start --head did not come up in 90 s")
+                pytest.fail(f"ray start --head did not come up in 90 s:\n{(temp / 'head.log').read_text()[-3000:]}")
             time.sleep(0.5)
     yield f"127.0.0.1:{port}", api
     started = [head, *psutil.Process(head.pid).children(recursive=True)]  # only what this head started
@@ -63,6 +67,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     _, alive = psutil.wait_procs(started, timeout=5)
     for proc in alive:
         proc.kill()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 SHORT = ["scale=smoke", "train.max_steps=10", "train.log_every=5", "train.eval_batches=1", "train.checkpoint_every=10"]
@@ -78,6 +83,14 @@ def test_plan_reads_the_clusters_hardware(ray_head: tuple[str, str], tmp_path: P
     assert "world size 2 = 1 node(s) x 2 cpu device(s)" in out.stdout  # no GPU node: 2 CPU workers
     assert "ray: connected to 127.0.0.1:" in out.stdout and "(authentication: token from $RAY_AUTH_TOKEN)" in out.stdout
     assert TOKEN not in out.stdout + out.stderr
+
+    home = tmp_path / "home"  # Ray's own token file instead of the variable
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(TOKEN)
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path,
+                   env={"HOME": str(home), "RAY_AUTH_MODE": None})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(authentication: token from ~/.ray/auth_token)" in out.stdout
 
 
 def test_a_token_cluster_refuses_a_launcher_without_its_token(ray_head: tuple[str, str], tmp_path: Path) -> None:

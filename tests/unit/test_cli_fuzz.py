@@ -25,6 +25,7 @@ named, no traceback.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -52,7 +53,10 @@ PINNED = ["action=plan", "planner.memory.model_gb=2", "planner.memory.per_sample
 GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name not in HIDDEN_GROUPS)
 CHOICES = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GROUPS}
 SCHEMA_KEYS = {k for r in RECIPE_SCHEMAS for k in all_keys(Config, recipe=r)}
-STUB_PROFILE = MemoryProfile.from_total(1.0, 0.01, source="estimate", detail="a stub: no model is traced here")
+STUB_PROFILE = dataclasses.replace(  # with a FLOP count, so that the time to train is planned too
+    MemoryProfile.from_total(1.0, 0.01, source="estimate", detail="a stub: no model is traced here"),
+    flops_per_sample=1e9, flops_detail="a stub",
+)
 
 
 def walk(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -96,7 +100,8 @@ def valid_overrides() -> list[str]:
             out |= {f"{key}={x!r}" for x in (v, v / 2, min(0.5, 2 * v))}
         elif isinstance(v, str) and re.fullmatch(r"[\w.-]+", v):
             out.add(f"{key}={v}")
-    hardware = ["cluster.gpus_per_node=8 cluster.gpu_memory_gb=80", "cluster.nodes=4 cluster.gpus_per_node=8 "
+    hardware = ["cluster.gpus_per_node=8 cluster.gpu_memory_gb=80", "cluster.gpus_per_node=8 cluster.gpu_type=h100 "
+                "cluster.gpu_hour_usd=2.5", "cluster.nodes=4 cluster.gpus_per_node=8 "
                 "cluster.gpu_memory_gb=40", "cluster.num_workers=3", "batch.global_batch=1000", "engine=deepspeed",
                 "batch.micro_batch=4", "batch.scale_with_world=true", "planner.power_of_two=true"]  # fmt: skip
     return sorted(out) + hardware
@@ -197,7 +202,7 @@ PLAN_INPUTS = [  # the keys the hardware, the memory profile and the planner com
     "planner.memory.model_gb", "planner.memory.per_sample_gb", "train.max_steps", "train.max_epochs",
     "train.warmup_steps", "train.grad_clip", "engine.zero_stage", "recipe.reference.global_batch",
     "recipe.reference.lr", "recipe.reference.max_steps", "recipe.reference.warmup_steps", "recipe.reference.devices",
-    "recipe.reference.epochs", "recipe.reference.large_batch_threshold",
+    "recipe.reference.epochs", "recipe.reference.large_batch_threshold", "planner.mfu", "cluster.gpu_hour_usd",
 ]  # fmt: skip
 EXTREMES = ["nan", "inf", "-inf", "1e308", "5e-324", "0", "-1", "9" * 400, str(2**63), str(2**63 - 1), "[inf]"]
 numbers = st.one_of(st.integers(-(2**70), 2**70).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr))
@@ -291,6 +296,11 @@ def check_plan(p: Plan) -> None:
     assert p.max_steps >= 1 and 0 <= p.warmup_steps <= p.max_steps
     assert all(1 <= m for m in p.milestones)
     assert p.reasons
+    if p.time_to_train_h is not None:  # planned: every figure finite, positive and consistent
+        assert p.step_time_s and p.gpu_hours and math.isclose(p.gpu_hours, p.time_to_train_h * p.world_size)
+        assert p.cost_usd is None or p.cost_usd > 0
+    else:
+        assert any(r.startswith("time to train not estimated: ") for r in p.reasons)
     json.dumps(p.to_dict(), allow_nan=False)  # plan.format=json prints it
     assert describe(p).startswith("plan")
 
