@@ -43,6 +43,11 @@ def start_local(cpus: int) -> None:
     # The launcher decides the embedded Ray's authentication, whatever started it: loopback only
     # and no token (Ray 2.60's default would write one into ~/.ray/auth_token)
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Its address fixed before it starts, and given to its processes: Ray's own helpers inside
+    # them (Ray Train's placement-group cleaner asks the state API with no address) otherwise
+    # look for "the" cluster among the machine's GCS processes and fail when another Ray runs
+    os.environ["RAY_GCS_SERVER_PORT"] = str(_free_port())
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
     import ray
 
     ray.init(
@@ -55,6 +60,14 @@ def start_local(cpus: int) -> None:
         configure_logging=True,
         runtime_env={"worker_process_setup_hook": QUIET},
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def connect(cluster: Cluster) -> str:
@@ -151,6 +164,9 @@ def stop(logs: Path, local: bool) -> None:
     session = Path(node.get_session_dir_path()) if local and node is not None else None
     started = psutil.Process().children(recursive=True) if local else []  # GCS, raylet, its workers
     ray.shutdown()
+    if local:  # the embedded Ray's address is gone with it
+        for var in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
+            os.environ.pop(var, None)
     _, alive = psutil.wait_procs(started, timeout=10)
     for proc in alive:
         with contextlib.suppress(psutil.Error):

@@ -12,11 +12,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from launcher.cli import load
-from launcher.cluster import start_local
+from launcher.cluster import start_local, stop
 from launcher.step import DDPStep, StepScalars
 from recipes import bert
 
@@ -90,7 +89,7 @@ def test_naive_mean_of_means_would_differ() -> None:
 def local_ray():
     start_local(2)  # the launcher's own embedded Ray: loopback, no auth token
     yield
-    ray.shutdown()
+    stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs", local=True)  # and its address
 
 
 def test_two_workers_match_one_big_batch(local_ray: None) -> None:

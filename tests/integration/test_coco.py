@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from launcher.cli import load
-from launcher.cluster import start_local
+from launcher.cluster import start_local, stop
 from launcher.config import ConfigError
 from launcher.data import eval_shard
 from recipes import coco
@@ -131,7 +131,6 @@ def test_ground_truth_as_detections_scores_ap_1_however_it_is_sharded(tmp_path: 
 
 
 def test_two_workers_evaluate_like_one_process(tmp_path: Path) -> None:
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -166,7 +165,7 @@ def test_two_workers_evaluate_like_one_process(tmp_path: Path) -> None:
                 run_config=RunConfig(storage_path=tmp, name="coco-eval"),
             ).fit()
     finally:
-        ray.shutdown()
+        stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs", local=True)  # and its address
     two = json.loads(out.read_text())
     assert single["eval_images"] == two["eval_images"] == 5
     assert two == pytest.approx(single, abs=1e-3)  # same weights, same images: same COCOeval

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from launcher import checkpoint
 from launcher.cli import load
-from launcher.cluster import start_local
+from launcher.cluster import start_local, stop
 from launcher.data import eval_shard
 from launcher.step import evaluate
 from recipes import imagenet
@@ -194,7 +194,6 @@ def eval_on(root: Path, rank: int, world: int) -> dict[str, float]:
 
 
 def test_two_workers_evaluate_exactly_like_one_process_on_an_odd_val_set() -> None:
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -223,7 +222,7 @@ def test_two_workers_evaluate_exactly_like_one_process_on_an_odd_val_set() -> No
                 run_config=RunConfig(storage_path=tmp, name="eval"),
             ).fit()
         finally:
-            ray.shutdown()
+            stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs", local=True)  # and its address
         two = json.loads(out.read_text())
     assert len(eval_shard(13, 0, 2, 4)) + len(eval_shard(13, 1, 2, 4)) == 4  # 7 + 6 samples: uneven shares
     assert two == pytest.approx(single, rel=1e-6)

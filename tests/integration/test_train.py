@@ -6,16 +6,25 @@ Real Hydra, real Ray (2 CPU workers, gloo), real MLflow (a SQLite store, and a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from launcher.optim import lr_factor
 from launcher.planner import Plan
-from tests.conftest import launcher
+from tests.conftest import free_port, launcher
 
 SHORT = [
     "scale=smoke",
@@ -45,17 +54,45 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, shared_outputs: Path) -> tup
     the embedded Ray's authentication is the launcher's decision, not the caller's environment."""
     cwd = tmp_path_factory.mktemp("smoke")
     (cwd / "home").mkdir()
-    out = launcher(
-        *SHORT,
-        "batch.micro_batch=4",
-        "train.measure_noise_scale=true",
-        f"run.output_dir={shared_outputs}",
-        "run.name=smoke-test",
-        cwd=cwd,
-        env={"HOME": str(cwd / "home"), "RAY_AUTH_MODE": None},
-    )
+    with other_ray():  # another Ray on the machine while it runs, as a second user's run would be
+        out = launcher(
+            *SHORT,
+            "batch.micro_batch=4",
+            "train.measure_noise_scale=true",
+            f"run.output_dir={shared_outputs}",
+            "run.name=smoke-test",
+            cwd=cwd,
+            env={"HOME": str(cwd / "home"), "RAY_AUTH_MODE": None},
+        )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return cwd, out.stdout + out.stderr  # the console, as a user sees it
+
+
+@contextlib.contextmanager
+def other_ray() -> Iterator[None]:
+    """A second single-node Ray (its own short temp dir, stopped by its own process ids)."""
+    temp = Path(tempfile.mkdtemp(prefix="other-ray-", dir="/tmp"))
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={free_port()}", f"--temp-dir={temp}", "--include-dashboard=false", "--num-cpus=1",
+         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any("gcs_server" in " ".join(c.cmdline()) for c in psutil.Process(head.pid).children(True)):
+            assert head.poll() is None and time.monotonic() < deadline, "the other Ray did not start"
+            time.sleep(0.5)
+        yield
+    finally:
+        started = [head, *psutil.Process(head.pid).children(recursive=True)]
+        for proc in started:
+            proc.terminate()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for proc in alive:
+            proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_noise_scale_is_logged_and_advises_the_next_plan(smoke: tuple[Path, str]) -> None:
@@ -80,7 +117,8 @@ def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_pa
     cwd, stdout = smoke
     assert not (cwd / "home" / ".ray").exists()  # no ~/.ray/auth_token: the embedded Ray runs without a token
     assert "micro-batch / device  4" in stdout  # the plan is printed before training
-    assert stdout.count("eval at step 15:") == 1  # rank 0's console lines, once each
+    assert "multiple active Ray instances" not in stdout  # its Ray's own processes find their cluster
+    assert stdout.count("eval at step 15 on ") == 1  # rank 0's console lines, once each
     client, run_id = only_run(f"sqlite:///{cwd / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke-test"
