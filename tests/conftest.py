@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +81,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(*options: str, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, Path, int]]:
+    """``ray start --head`` on 127.0.0.1 with ``options``: (its process, its temp dir, its GCS port).
+
+    Its temp dir is short and its own (Ray's socket paths must stay within AF_UNIX's 107 bytes,
+    which pytest's per-worker folders pass), its job agent gets a free port (Ray's default 52365
+    is taken by any other Ray on the machine), its output goes to ``head.log`` there, and it is
+    stopped by its own process ids. Whether it is up is the caller's check.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
+    port = free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",
+         "--disable-usage-stats", *options],
+        env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},  # keep the test cluster on loopback
+        stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield head, temp, port
+    finally:
+        started = [head, *psutil.Process(head.pid).children(recursive=True)]  # only what this head started
+        for proc in started:
+            proc.terminate()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for proc in alive:
+            proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,58 +14,39 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import free_port, launcher
+from tests.conftest import free_port, launcher, ray_head
 
 TOKEN = secrets.token_hex(32)  # the test cluster's authentication token
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def cluster_head() -> Iterator[tuple[str, str]]:
     """(GCS address, job API address) of a token-authenticated head on loopback with 4 CPUs and the dashboard."""
-    # a short path of its own: Ray's socket paths under it must stay within AF_UNIX's 107 bytes,
-    # which pytest's per-worker temp folders (.../popen-gw1/rayhead0/session_<date>/sockets/...) pass
-    temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
-    port, dashboard = free_port(), free_port()
+    dashboard = free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",  # as docs/cluster.md tells a cluster's admin
         "RAY_AUTH_TOKEN": TOKEN,
-        "HOME": str(temp),  # nothing written into the real ~/.ray
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep the test cluster on loopback
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python`
     }
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
-         # its own job agent port: Ray's default (52365) is taken by any other Ray on this machine
-         f"--dashboard-agent-listen-port={free_port()}"],
-        env=env, stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
-    )
-    api = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            ask = urllib.request.Request(f"{api}/api/version", headers={"Authorization": f"Bearer {TOKEN}"})
-            if urllib.request.urlopen(ask, timeout=2).status == 200:
-                break
-        except OSError:
-            if time.time() > deadline or head.poll() is not None:
-                head.kill()
-                pytest.fail(f"ray start --head did not come up in 90 s:\n{(temp / 'head.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield f"127.0.0.1:{port}", api
-    started = [head, *psutil.Process(head.pid).children(recursive=True)]  # only what this head started
-    for proc in started:
-        proc.terminate()
-    _, alive = psutil.wait_procs(started, timeout=5)
-    for proc in alive:
-        proc.kill()
-    shutil.rmtree(temp, ignore_errors=True)
+    options = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+               "--num-cpus=4"]
+    with tempfile.TemporaryDirectory() as home, ray_head(*options, env={**env, "HOME": home}) as (head, temp, port):
+        api = f"http://127.0.0.1:{dashboard}"  # HOME above: nothing written into the real ~/.ray
+        deadline = time.time() + 90
+        while True:
+            try:
+                ask = urllib.request.Request(f"{api}/api/version", headers={"Authorization": f"Bearer {TOKEN}"})
+                if urllib.request.urlopen(ask, timeout=2).status == 200:
+                    break
+            except OSError:
+                if time.time() > deadline or head.poll() is not None:
+                    pytest.fail(f"ray start --head did not come up in 90 s:\n{(temp / 'head.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield f"127.0.0.1:{port}", api
 
 
 SHORT = ["scale=smoke", "train.max_steps=10", "train.log_every=5", "train.eval_batches=1", "train.checkpoint_every=10"]
@@ -76,8 +55,8 @@ SHORT = ["scale=smoke", "train.max_steps=10", "train.log_every=5", "train.eval_b
 AUTH: dict[str, str | None] = {"RAY_AUTH_TOKEN": TOKEN, "RAY_AUTH_MODE": None}  # the launcher decides the mode
 
 
-def test_plan_reads_the_clusters_hardware(ray_head: tuple[str, str], tmp_path: Path) -> None:
-    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path,
+def test_plan_reads_the_clusters_hardware(cluster_head: tuple[str, str], tmp_path: Path) -> None:
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={cluster_head[0]}", "action=plan", cwd=tmp_path,
                    env=AUTH)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "world size 2 = 1 node(s) x 2 cpu device(s)" in out.stdout  # no GPU node: 2 CPU workers
@@ -87,22 +66,22 @@ def test_plan_reads_the_clusters_hardware(ray_head: tuple[str, str], tmp_path: P
     home = tmp_path / "home"  # Ray's own token file instead of the variable
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(TOKEN)
-    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path,
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={cluster_head[0]}", "action=plan", cwd=tmp_path,
                    env={"HOME": str(home), "RAY_AUTH_MODE": None})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(authentication: token from ~/.ray/auth_token)" in out.stdout
 
 
-def test_a_token_cluster_refuses_a_launcher_without_its_token(ray_head: tuple[str, str], tmp_path: Path) -> None:
-    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={ray_head[0]}", "action=plan", cwd=tmp_path,
+def test_a_token_cluster_refuses_a_launcher_without_its_token(cluster_head: tuple[str, str], tmp_path: Path) -> None:
+    out = launcher("scale=smoke", "cluster=ray", f"cluster.address={cluster_head[0]}", "action=plan", cwd=tmp_path,
                    env={"HOME": str(tmp_path), "RAY_AUTH_MODE": None}, timeout=180)  # no token anywhere
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "cluster.address: cannot connect" in out.stderr and "authentication: none" in out.stderr
     assert "$RAY_AUTH_TOKEN" in out.stderr
 
 
-def test_a_cluster_run_and_a_submitted_job_are_recorded(ray_head: tuple[str, str], tmp_path: Path) -> None:
-    gcs, api = ray_head
+def test_a_cluster_run_and_a_submitted_job_are_recorded(cluster_head: tuple[str, str], tmp_path: Path) -> None:
+    gcs, api = cluster_head
     storage = tmp_path / "shared"
     store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     env = {"MLFLOW_TRACKING_URI": store, **AUTH}  # $MLFLOW_TRACKING_URI wins over ./mlflow.db, here and in the job

@@ -10,10 +10,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from launcher.optim import lr_factor
 from launcher.planner import Plan
-from tests.conftest import free_port, launcher
+from tests.conftest import launcher, ray_head
 
 SHORT = [
     "scale=smoke",
@@ -70,29 +66,15 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, shared_outputs: Path) -> tup
 
 @contextlib.contextmanager
 def other_ray() -> Iterator[None]:
-    """A second single-node Ray (its own short temp dir, stopped by its own process ids)."""
-    temp = Path(tempfile.mkdtemp(prefix="other-ray-", dir="/tmp"))
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", f"--temp-dir={temp}", "--include-dashboard=false", "--num-cpus=1",
-         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
-        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
+    """A second single-node Ray on the machine, up (its GCS running) while the block runs."""
+    with ray_head("--include-dashboard=false", "--num-cpus=1", env={**os.environ, "RAY_AUTH_MODE": "disabled"}) as (
+        head, _, _
+    ):
         deadline = time.monotonic() + 60
         while not any("gcs_server" in " ".join(c.cmdline()) for c in psutil.Process(head.pid).children(True)):
             assert head.poll() is None and time.monotonic() < deadline, "the other Ray did not start"
             time.sleep(0.5)
         yield
-    finally:
-        started = [head, *psutil.Process(head.pid).children(recursive=True)]
-        for proc in started:
-            proc.terminate()
-        _, alive = psutil.wait_procs(started, timeout=10)
-        for proc in alive:
-            proc.kill()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_noise_scale_is_logged_and_advises_the_next_plan(smoke: tuple[Path, str]) -> None:
