@@ -99,7 +99,9 @@ def connect(cluster: Cluster) -> str:
             runtime_env={
                 "py_modules": [str(Path(launcher.__file__).parent), str(Path(recipes.__file__).parent)],
                 "worker_process_setup_hook": QUIET,
-                "env_vars": credential_env(),  # the tracking server's credentials, never in the payload
+                # the tracking server's credentials (never in the payload), and the launcher's own
+                # variables (the sample ledger, fault injection): what the workers of an embedded Ray inherit
+                "env_vars": credential_env() | {k: v for k, v in os.environ.items() if k.startswith("LAUNCHER_")},
             },
         )
     except (ConnectionError, RuntimeError, ValueError) as e:

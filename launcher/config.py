@@ -335,6 +335,12 @@ class Cluster:
     )
     gpu_hour_usd: float | None = setting(None, "price of one GPU-hour: the plan shows the cost", POSITIVE)
     num_workers: int | None = setting(None, "null: nodes x GPUs, or 2 CPU workers without GPUs", AT_LEAST_1)
+    min_workers: int | None = setting(
+        None, "elastic training: at least this many workers, at most num_workers; null: a fixed size", AT_LEAST_1
+    )
+    resize_interval_s: float = setting(
+        60.0, "elastic training: how often Ray Train looks for room for more workers", POSITIVE
+    )
     use_gpu: bool | Literal["auto"] = setting("auto", "auto: GPUs when there are any")
     cpus_per_worker: int = setting(1, "CPUs Ray reserves per training worker", AT_LEAST_1)
 
@@ -509,6 +515,39 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     if cfg.engine.name == "deepspeed" and cfg.action == "lr_find":
         errors.append("engine=deepspeed: action=lr_find runs with engine=ddp (the lr it finds is the same)")
+    if cfg.cluster.min_workers is not None:
+        errors += _elastic_errors(cfg)
+    return errors
+
+
+def _elastic_errors(cfg: Config) -> list[str]:
+    """``cluster.min_workers``: what a run that changes its world size while it trains needs."""
+    low, high = cfg.cluster.min_workers, cfg.cluster.num_workers
+    errors = []
+    if high is not None and low is not None and low > high:
+        errors.append(f"cluster.min_workers: got {low}, above cluster.num_workers={high} (the most workers)")
+    if cfg.cluster.max_failures == 0:
+        errors.append(
+            "cluster.max_failures: 0 with cluster.min_workers: a lost worker would end the run instead of "
+            "shrinking it; set it to the restarts allowed (e.g. 3, or -1 for no limit)"
+        )
+    if cfg.train.checkpoint_every <= 0:
+        errors.append(
+            "train.checkpoint_every: 0 with cluster.min_workers: after a resize the run goes on from the latest "
+            "checkpoint, and without periodic ones that is step 0; set it (e.g. train.checkpoint_every=100)"
+        )
+    if cfg.batch.scale_with_world:
+        errors.append(
+            "batch.scale_with_world: true with cluster.min_workers: an elastic run keeps its global batch "
+            "whatever the world size (that is what keeps its lr schedule and sample stream); set it to false"
+        )
+    if cfg.engine.name == "deepspeed":
+        errors.append(
+            "cluster.min_workers: engine=deepspeed cannot change its world size (its ZeRO partitions are "
+            "saved per rank); use engine=ddp for elastic training, or a fixed size (cluster.min_workers=null)"
+        )
+    if cfg.action == "lr_find":
+        errors.append("cluster.min_workers: elastic training is for action=train; lr_find runs at a fixed size")
     return errors
 
 

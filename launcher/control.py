@@ -1,9 +1,10 @@
 """What passes between the driver and rank 0 while a run trains, on whatever node rank 0 is.
 
-Two things: a graceful stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``), and the
-metrics rank 0 could not send to MLflow by the end of training (and, once, whether this is the
-run's first worker group, whose start-up is timed). Both go through a tiny
-named Ray actor that the driver creates for the run, so neither needs a shared filesystem.
+Three things: a graceful stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``), the
+metrics rank 0 could not send to MLflow by the end of training, and which worker group trains
+(its world size and the last step it finished: what a restart, or an elastic resize, follows).
+All go through a tiny named Ray actor that the driver creates for the run, so none needs a
+shared filesystem.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ class RunControl:
     def __init__(self) -> None:
         self._stop = False
         self._backlog: dict[str, Any] | None = None
-        self._started = False
+        self._group: dict[str, Any] | None = None  # the worker group training now, or the last one
 
-    def first_start(self) -> bool:
-        """True once per run: a worker group Ray Train restarts after a failure is not a start-up."""
-        first, self._started = not self._started, True
-        return first
+    def group_started(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        """A worker group (re)started: its world, split and start step in; the previous group's out
+        (None for the run's first: its start-up is timed), with the last step it finished."""
+        previous, self._group = self._group, {**group, "reached": group["step"]}
+        return previous
+
+    def reached(self, step: int) -> None:
+        """Rank 0 finished ``step`` (sent without waiting for an answer, after every step)."""
+        if self._group is not None:
+            self._group["reached"] = step
 
     def ask_stop(self) -> None:
         self._stop = True
@@ -48,7 +55,12 @@ def create(run_id: str) -> Any:
     """The run's control actor (on the driver, after Ray is up)."""
     import ray
 
-    return ray.remote(num_cpus=0)(RunControl).options(name=actor_name(run_id)).remote()
+    # on the driver's node, as Ray Train's own controller: a node lost during training (an elastic
+    # run shrinks) must not take the run's control with it
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(RunControl).options(name=actor_name(run_id), scheduling_strategy=here).remote()
 
 
 class StopPoll:
@@ -67,8 +79,11 @@ class StopPoll:
             self._asked = bool(self._ray.get(self._actor.stop_asked.remote(), timeout=30))
         return self._asked
 
-    def first_start(self) -> bool:
-        return bool(self._ray.get(self._actor.first_start.remote(), timeout=30))
+    def group_started(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        return self._ray.get(self._actor.group_started.remote(group), timeout=30)  # type: ignore[return-value]
+
+    def reached(self, step: int) -> None:
+        self._actor.reached.remote(step)  # ordered after this caller's earlier calls; no reply awaited
 
     def keep(self, backlog: dict[str, Any]) -> None:
         """Hand metrics that could not be sent to the driver, which sends or spools them."""

@@ -148,19 +148,30 @@ class SampleLedger:
     KEY = "_sample_ids"
 
     def __init__(self, path: Path, start_step: int, accum: int) -> None:
-        kept = []
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in kept))
+        self.roll_back(path, start_step)
         self.path, self.step, self.accum = path, start_step, accum
 
+    @staticmethod
+    def roll_back(path: Path, step: int) -> None:
+        """Drop the lines of the steps after ``step`` (creating the file)."""
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line + "\n" for line in kept))
+
     @classmethod
-    def from_env(cls, rank: int, start_step: int, accum: int) -> SampleLedger | None:
+    def from_env(cls, rank: int, world: int, start_step: int, accum: int) -> SampleLedger | None:
         import os
 
         where = os.environ.get("LAUNCHER_SAMPLE_LEDGER")
-        return cls(Path(where) / f"rank{rank}.jsonl", start_step, accum) if where else None
+        if not where:
+            return None
+        if rank == 0:  # the ranks a resize took away: their steps after the checkpoint were rolled back too
+            for path in Path(where).glob("rank*.jsonl"):
+                if path.stem[4:].isdigit() and int(path.stem[4:]) >= world:
+                    cls.roll_back(path, start_step)
+        return cls(Path(where) / f"rank{rank}.jsonl", start_step, accum)
 
     def dataset(self, data: Dataset) -> Dataset:
         return _WithIndex(data)

@@ -10,12 +10,16 @@ parts are no-ops; nothing on a hot path reads the environment.
 - ``LAUNCHER_INJECT_CHECKPOINT_KILL=<step>:<marker file>``: the process writing the
   checkpoint of that step is SIGKILLed halfway through writing ``state.pt``, once (the
   marker file says it happened).
+- ``LAUNCHER_INJECT_HOLD=<step>:<file>[,<step>:<file>...]``: after finishing that step, every
+  rank waits until the file exists (rank 0 says so once), so a test can lose or add a node
+  while the run is at a known step.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,15 @@ from torch import nn
 class Faults:
     memory_limit: int = 0  # bytes of saved activations per forward; 0: no limit
     checkpoint_kill: tuple[int, Path] | None = None  # (step, marker file)
+    holds: tuple[tuple[int, Path], ...] = ()  # (step, file): wait there until the file exists
+
+    def hold(self, step: int, say: Any) -> None:
+        """After finishing ``step``: wait for its file, if it has one."""
+        for at, file in self.holds:
+            if at == step and not file.exists():
+                say(f"held after step {step} until {file} exists (fault injection)")
+                while not file.exists():
+                    time.sleep(0.1)
 
     def memory_guard(self, model: nn.Module) -> AbstractContextManager[Any]:
         """Around a forward pass: raises an out-of-memory past ``memory_limit``."""
@@ -62,7 +75,9 @@ class Faults:
 def from_env() -> Faults:
     kill = os.environ.get("LAUNCHER_INJECT_CHECKPOINT_KILL")
     at, _, marker = (kill or "").partition(":")
+    holds = [item.partition(":") for item in os.environ.get("LAUNCHER_INJECT_HOLD", "").split(",") if item]
     return Faults(
         memory_limit=int(os.environ.get("LAUNCHER_INJECT_MEMORY_LIMIT", "0")),
         checkpoint_kill=(int(at), Path(marker)) if kill else None,
+        holds=tuple((int(step), Path(file)) for step, _, file in holds),
     )

@@ -222,6 +222,29 @@ class GracefulStop(HookBase):
             )
 
 
+class WorkerGroup(HookBase):
+    """Rank 0's record of the worker group training: the ``world_size`` metric at its first step, the
+    last step finished (to the run's control actor, after every step), and after an elastic resize
+    ``plans/step_<N>.json`` with its first step's timings: re-plan, restore, first step."""
+
+    def __init__(self, group: dict[str, Any], stamps: dict[str, float], reached: Callable[[int], None]) -> None:
+        self.group, self.stamps, self.reached = group, stamps, reached
+
+    def before_train(self, trainer: Trainer) -> None:
+        trainer.tracker.log_metrics({"world_size": trainer.plan.world_size}, trainer.start_step)
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        self.reached(info.done)
+        if info.done != trainer.start_step + 1 or not self.group["resized"]:
+            return
+        t = self.stamps
+        timings = {"group_started_at": t["workers_done_at"], "replan_s": t["replan_done_at"] - t["workers_done_at"],
+                   "data_s": t["worker_data_done_at"] - t["replan_done_at"],
+                   "restore_s": t["worker_model_done_at"] - t["worker_data_done_at"],
+                   "first_step_s": time.time() - t["worker_model_done_at"]}  # fmt: skip
+        trainer.tracker.log_dict({**self.group["record"], "timings": timings}, f"plans/step_{trainer.start_step}.json")
+
+
 def build_hooks(
     *,
     log_every: int,
@@ -234,11 +257,15 @@ def build_hooks(
     startup: dict[str, float] | None = None,
     ema: AveragedModel | None = None,
     noise: tuple[LocalGradNorm, NoiseScale] | None = None,
+    group: WorkerGroup | None = None,
+    hold: Callable[[int, Callable[[str], None]], None] | None = None,
 ) -> list[HookBase]:
     """The hooks of a training run, in the order they run after each step."""
     hooks: list[HookBase] = []
     if startup is not None:  # first: the first step's time, before other hooks add theirs
         hooks.append(StartupTiming(startup))
+    if group is not None:  # rank 0
+        hooks.append(group)
     noise_hook = NoiseScaleHook(*noise) if noise is not None else None
     if noise_hook is not None:  # before Metrics: its estimate goes into this step's log line
         hooks.append(noise_hook)
@@ -251,7 +278,17 @@ def build_hooks(
     hooks.append(Evaluate(eval_every, evaluate, ema, eval_samples))
     hooks.append(PeriodicCheckpoint(checkpoint_every, save))
     hooks.append(GracefulStop(poll))
+    if hold is not None:  # fault injection (launcher/faults.py): last, once the step is done and saved
+        hooks.append(Hold(hold))
     return hooks
+
+
+class Hold(HookBase):
+    def __init__(self, hold: Callable[[int, Callable[[str], None]], None]) -> None:
+        self.hold = hold
+
+    def after_step(self, trainer: Trainer, info: StepInfo) -> None:
+        self.hold(info.done, trainer.say)
 
 
 def back_off_notice(plan: Plan, tracker: Tracker, say: Callable[[str], None]) -> Callable[[dict[str, Any]], None]:

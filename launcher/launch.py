@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,16 +56,27 @@ class Planning:
     mem: MemoryProfile
     noise: tuple[float, str] | None
 
-    def plan(self, dataset_size: int | None) -> Plan:
-        """The plan for a dataset of that many training samples (None: not counted). The size only
+    def plan(self, dataset_size: int | None, world: int | None = None) -> Plan:
+        """The plan for a dataset of that many training samples (None: not counted), on the hardware
+        found or on ``world`` of its devices (an elastic run's workers re-plan so). The size only
         sets the steps, so a plan without it fails exactly where one with it would."""
+        hw = self.hw if world is None else self.hw.with_world(world)
         try:
-            p = plan(request_from_config(self.cfg, dataset_size, self.noise), self.hw, self.mem)
+            p = plan(request_from_config(self.cfg, dataset_size, self.noise), hw, self.mem)
         except PlanError as e:
             raise ConfigError(e.errors) from None
         except ValueError as e:
             raise ConfigError([str(e)]) from None
         return _check_deepspeed(p) if p.deepspeed is not None else p
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the workers need to plan again (the config travels beside it): plain data."""
+        return {"hardware": asdict(self.hw), "memory": asdict(self.mem), "noise": self.noise}
+
+    @classmethod
+    def from_dict(cls, cfg: Config, d: dict[str, Any]) -> Planning:
+        noise = tuple(d["noise"]) if d["noise"] is not None else None
+        return cls(cfg, Hardware(**d["hardware"]), MemoryProfile(**d["memory"]), noise)  # type: ignore[arg-type]
 
 
 def prepare_plan(cfg: Config) -> Planning:
@@ -159,7 +170,9 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     # Every planner error before any data is built (a tokenizer trained, images drawn): the dataset
     # size only sets the steps, so the plan without it fails wherever the final one would
     planning = prepare_plan(cfg)
-    _refuse_unsupported(cfg, planning.plan(None), resume)
+    first = planning.plan(None)
+    refuse_unsupported(cfg, first, resume)
+    elastic = _elastic(cfg, planning, first, resume) if cfg.cluster.min_workers is not None else None
     timings["plan_done_at"] = time.time()
     # derived data (tokenizer, indexes): shared by the nodes when the storage is a shared path
     cache = out / "cache" if cfg.cluster.kind == "local" or "://" in storage else Path(storage) / "cache"
@@ -168,6 +181,8 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     timings["data_done_at"] = time.time()
     if resume is not None:
         p = p.with_notes(resume.explain(p))
+    if elastic is not None:
+        p = p.with_notes(elastic)
     print(describe(p), flush=True)
     if resume is not None and resume.step >= p.max_steps:
         print(
@@ -182,7 +197,8 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     run_id = _open_run(cfg, uri, p, name, resume)
     timings["tracking_done_at"] = time.time()
     payload = {"run_id": run_id, "tracking_uri": uri, "cache_dir": str(cache),
-               "run_root": run_path(storage, name, run_id)}  # the run's folder in the storage
+               "run_root": run_path(storage, name, run_id),  # the run's folder in the storage
+               "planning": planning.to_dict(), "dataset_size": size(data.train)}  # to plan again in the workers
     return _launch(cfg, p, out, storage, name, timings, payload)
 
 
@@ -288,7 +304,7 @@ def run_path(root: str | Path, name: str, run_id: str) -> str:
     return f"{root_s}/{rel}"  # as given: the workers resolve it on their own nodes
 
 
-def _refuse_unsupported(cfg: Config, p: Plan, resume: Resume | None) -> None:
+def refuse_unsupported(cfg: Config, p: Plan, resume: Resume | None) -> None:
     """What the plan allows but this launcher cannot train yet; refused before anything runs."""
     if p.engine == "deepspeed" and p.zero_stage == 3:
         raise ConfigError(
@@ -321,6 +337,28 @@ def _refuse_unsupported(cfg: Config, p: Plan, resume: Resume | None) -> None:
             from launcher.checkpoint import shard_world_refusal
 
             raise ConfigError([f"{shard_world_refusal(saved, p.world_size)} (run {resume.name})"])
+
+
+def _elastic(cfg: Config, planning: Planning, top: Plan, resume: Resume | None) -> str:
+    """An elastic run (``cluster.min_workers``) planned, and refused or accepted, at every world size it
+    may train on, before anything runs; the plan's note on what changes with the world and what does not."""
+    low, high = cfg.cluster.min_workers or 1, top.world_size
+    if low > high:
+        raise ConfigError([f"cluster.min_workers: got {low}, above the {high} workers planned (cluster.num_workers)"])
+    splits = []
+    for world in range(low, high + 1):
+        try:
+            p = top if world == high else planning.plan(None, world)
+            refuse_unsupported(cfg, p, resume)
+        except ConfigError as e:
+            raise ConfigError([f"{err} (at {world} workers: cluster.min_workers={low} allows {low} to {high})"
+                               for err in e.errors]) from None
+        splits.append(f"{world}: {p.micro_batch} x {p.grad_accum}")
+    return (
+        f"elastic: {low} to {high} workers (cluster.min_workers..num_workers); at each (re)start the workers "
+        f"re-plan for the world they have. Micro-batch x accumulation by world size: {', '.join(splits)}. "
+        f"Global batch {top.global_batch}, lr schedule, steps and sample stream are the same at every size"
+    )
 
 
 def _ray_get(ref: Any) -> Any:
@@ -517,8 +555,13 @@ def _fit(cfg: Config, p: Plan, storage: str, run_dir: str, timings: dict[str, fl
         train_loop,
         train_loop_config={"config": to_dict(cfg), "plan": p.to_dict(), "timings": timings, **payload},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=p.world_size, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
+        scaling_config=ScalingConfig(  # type: ignore[call-arg]  # mypy sees Ray Train v1's ScalingConfig
+            # elastic: Ray Train starts as many as there is room for (at least min_workers), restarts
+            # smaller after a loss, and larger when it finds room every resize_interval_s
+            num_workers=(cfg.cluster.min_workers, p.world_size) if cfg.cluster.min_workers else p.world_size,  # type: ignore[arg-type]
+            elastic_resize_monitor_interval_s=cfg.cluster.resize_interval_s,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
         ),
         run_config=RunConfig(  # type: ignore[call-arg]  # mypy sees Ray Train v1's RunConfig
             name=run_dir,

@@ -92,6 +92,12 @@ class Hardware:
     def world_size(self) -> int:
         return self.nodes * self.devices_per_node
 
+    def with_world(self, world: int) -> Hardware:
+        """The same devices, ``world`` of them: whole nodes where it fills them, else one row of ``world``."""
+        if world % self.devices_per_node == 0:
+            return replace(self, nodes=world // self.devices_per_node)
+        return replace(self, nodes=1, devices_per_node=world)
+
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryProfile:

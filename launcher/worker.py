@@ -29,7 +29,7 @@ from launcher import checkpoint, faults
 from launcher.config import Config, validate
 from launcher.control import StopPoll
 from launcher.data import Data, SampleLedger, StepBatches, eval_samples, eval_shard, size
-from launcher.hooks import back_off_notice, build_hooks
+from launcher.hooks import WorkerGroup, back_off_notice, build_hooks
 from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import apply_plan, build_optimizer, build_scheduler
 from launcher.planner import Plan
@@ -66,8 +66,9 @@ def train_loop(payload: dict[str, Any]) -> None:
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if world != plan.world_size:
-        raise RuntimeError(f"planned for {plan.world_size} workers, running on {world}")
+    if world != plan.world_size:  # an elastic run (re)started on another world size than the driver planned
+        plan = replan(cfg, payload, world, rank)
+    stamps["replan_done_at"] = time.time()
     recipe = RECIPES[cfg.recipe.name]
     torch.manual_seed(cfg.run.seed)
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
@@ -83,6 +84,21 @@ def train_loop(payload: dict[str, Any]) -> None:
     else:
         build_trainer(w, payload, poll, stamps).fit()
     tracker.close()
+
+
+def replan(cfg: Config, payload: dict[str, Any], world: int, rank: int) -> Plan:
+    """Rank 0 plans for the world this worker group has (the planner is pure: the driver's inputs, another
+    world size), with the driver's refusals; every rank trains under rank 0's plan."""
+    from launcher.launch import Planning, refuse_unsupported
+
+    box: list[Any] = [None]
+    if rank == 0:
+        new = Planning.from_dict(cfg, payload["planning"]).plan(payload["dataset_size"], world)
+        refuse_unsupported(cfg, new, None)
+        box = [new.to_dict()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return Plan.from_dict(box[0])
 
 
 def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, stamps: dict[str, float]) -> Trainer:
@@ -117,14 +133,23 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
         w.say(f"resumed from {PurePosixPath(found[0]).name} at step {start}")
         _plan_over_checkpoint(w, eng.optimizer, scheduler)
     agree_on_step(start, w.device)
-    batches = _batches(w, start, SampleLedger.from_env(w.rank, start, plan.grad_accum))
+    batches = _batches(w, start, SampleLedger.from_env(w.rank, w.world, start, plan.grad_accum))
     stamps["worker_model_done_at"] = time.time()
-    timed = poll is not None and "launched_at" in stamps and poll.first_start()
+    group = None
+    if poll is not None:  # rank 0: which worker group this is, after which
+        previous = poll.group_started({"world": w.world, "micro_batch": plan.micro_batch,
+                                       "grad_accum": plan.grad_accum, "step": start})
+        group = group_record(plan, Plan.from_dict(payload["plan"]), previous, start)
+        if group["line"]:
+            w.say(group["line"])
+    timed = group is not None and "launched_at" in stamps and group["first"]
     hooks = build_hooks(
         log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, checkpoint_every=cfg.train.checkpoint_every,
         evaluate=partial(_evaluate, w), save=partial(_save, saver, w.say), poll=poll,
         eval_samples=eval_samples(size(w.data.eval), w.world, plan.micro_batch, cfg.train.eval_batches),
         startup=stamps if timed else None, ema=ema, noise=noise,
+        group=WorkerGroup(group, stamps, poll.reached) if group is not None and poll is not None else None,
+        hold=injected.hold if injected.holds else None,
     )
     return Trainer(model=eng.model, step_fn=eng.step, scheduler=scheduler, batches=batches, plan=plan,
                    start_step=start, hooks=hooks, tracker=w.tracker, say=w.say, scalars=scalars)
@@ -137,6 +162,34 @@ def _plan_over_checkpoint(
     changed = apply_plan(optimizer, scheduler, w.plan, w.cfg.optim)
     what = ", ".join(changed) if changed else "none changed"
     w.say(f"resume: this plan's optimizer hyper-parameters re-applied over the checkpoint's ({what})")
+
+
+def group_record(plan: Plan, planned: Plan, previous: dict[str, Any] | None, start: int) -> dict[str, Any]:
+    """What this worker group's start means for the run: its console line, and (a resize) the record
+    ``plans/step_<start>.json`` says. ``previous``: the group before, with the last step it finished
+    (None: the run's first group, compared with the driver's plan)."""
+    before = previous or {"world": planned.world_size, "micro_batch": planned.micro_batch,
+                          "grad_accum": planned.grad_accum, "reached": start}
+    again = list(range(start + 1, before["reached"] + 1))  # finished, then rolled back with the model
+    resized = before["world"] != plan.world_size
+    redo = f"; steps {again[0]}-{again[-1]} are trained again from the checkpoint" if again else ""
+    if resized:
+        line = (
+            f"world {before['world']} -> {plan.world_size} at step {start}: micro {before['micro_batch']}x"
+            f"{before['grad_accum']} -> {plan.micro_batch}x{plan.grad_accum}, global {plan.global_batch} kept{redo}"
+        )
+    elif previous is not None:
+        line = f"restarted at step {start} on {plan.world_size} workers (world unchanged){redo}"
+    else:
+        line = ""  # the run's first group on the world planned: the plan printed says it all
+    record = {
+        "step": start, "world_size": {"from": before["world"], "to": plan.world_size},
+        "micro_batch": {"from": before["micro_batch"], "to": plan.micro_batch},
+        "grad_accum": {"from": before["grad_accum"], "to": plan.grad_accum},
+        "global_batch": plan.global_batch, "steps_trained_again": again, "message": line,
+        "reasons": list(plan.reasons),
+    }  # fmt: skip
+    return {"first": previous is None, "resized": resized, "line": line, "record": record}
 
 
 @dataclass

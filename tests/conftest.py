@@ -84,13 +84,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_head(*options: str, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, Path, int]]:
+def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterator[tuple[subprocess.Popen, Path, int]]:
     """``ray start --head`` on 127.0.0.1 with ``options``: (its process, its temp dir, its GCS port).
 
     Its temp dir is short and its own (Ray's socket paths must stay within AF_UNIX's 107 bytes,
     which pytest's per-worker folders pass), its job agent gets a free port (Ray's default 52365
     is taken by any other Ray on the machine), its output goes to ``head.log`` there, and it is
-    stopped by its own process ids. Whether it is up is the caller's check.
+    stopped by its own process ids. Whether it is up is the caller's check. ``others``: other nodes
+    may join (Ray then registers the machine's address and its servers listen on every interface).
     """
     temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     port = free_port()
@@ -98,7 +99,7 @@ def ray_head(*options: str, env: dict[str, str]) -> Iterator[tuple[subprocess.Po
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats", *options],
-        env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},  # keep the test cluster on loopback
+        env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if others else "0"},  # "0": loopback only
         stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
