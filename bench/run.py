@@ -1,5 +1,6 @@
 """``make bench``: the launcher vs torchrun + a plain DDP loop, same model, data and split, CPU;
-then the planner vs Lightning's and Accelerate's batch-size finders (``bench/batch_finders.py``).
+then the planner vs Lightning's and Accelerate's batch-size finders (``bench/batch_finders.py``);
+then an elastic run's and a fixed-size run's recovery from a lost node (``bench/resize.py``).
 
 Writes ``bench/results/cpu_smoke.json`` and ``bench/results/batch_finders.json`` (numbers,
 commands, device, versions, date) and prints the tables. Run from the repository root.
@@ -131,6 +132,8 @@ def main() -> None:
     print(f"noise-scale measurement: {noise['step_ms_with']:.1f} vs {noise['step_ms_without']:.1f} ms per step, "
           f"overhead {100 * noise['overhead']:.2f}% (median of {noise['steps']} paired steps)")
     print(f"batch finders: {finders['rows']} model/budget rows in {finders['out']} ({finders['wall_s']:.0f} s)")
+    print("\nfrom a node's loss to the first step after it (bench/resize.py -> bench/results/resize.json):")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "resize.py")], cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":

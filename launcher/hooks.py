@@ -224,8 +224,9 @@ class GracefulStop(HookBase):
 
 class WorkerGroup(HookBase):
     """Rank 0's record of the worker group training: the ``world_size`` metric at its first step, the
-    last step finished (to the run's control actor, after every step), and after an elastic resize
-    ``plans/step_<N>.json`` with its first step's timings: re-plan, restore, first step."""
+    last step finished (to the run's control actor, after every step), and for a group that restarts
+    the run how long its start took (metrics ``restart_*_s``: re-plan, data, restore, first step),
+    in ``plans/step_<N>.json`` too after an elastic resize."""
 
     def __init__(self, group: dict[str, Any], stamps: dict[str, float], reached: Callable[[int], None]) -> None:
         self.group, self.stamps, self.reached = group, stamps, reached
@@ -235,14 +236,18 @@ class WorkerGroup(HookBase):
 
     def after_step(self, trainer: Trainer, info: StepInfo) -> None:
         self.reached(info.done)
-        if info.done != trainer.start_step + 1 or not self.group["resized"]:
+        if info.done != trainer.start_step + 1 or (self.group["first"] and not self.group["resized"]):
             return
         t = self.stamps
-        timings = {"group_started_at": t["workers_done_at"], "replan_s": t["replan_done_at"] - t["workers_done_at"],
-                   "data_s": t["worker_data_done_at"] - t["replan_done_at"],
+        timings = {"started_at": t["workers_done_at"], "replan_s": t["replanned_at"] - t["workers_done_at"],
+                   "data_s": t["worker_data_done_at"] - t["replanned_at"],
                    "restore_s": t["worker_model_done_at"] - t["worker_data_done_at"],
                    "first_step_s": time.time() - t["worker_model_done_at"]}  # fmt: skip
-        trainer.tracker.log_dict({**self.group["record"], "timings": timings}, f"plans/step_{trainer.start_step}.json")
+        if not self.group["first"]:
+            trainer.tracker.log_metrics({f"restart_{k}": v for k, v in timings.items()}, info.done)
+        if self.group["resized"]:
+            record = {**self.group["record"], "timings": timings}
+            trainer.tracker.log_dict(record, f"plans/step_{trainer.start_step}.json")
 
 
 def build_hooks(

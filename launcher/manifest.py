@@ -76,7 +76,9 @@ def manifest(cfg: Config, argv: list[str], world_size: int, uri: str | None) -> 
     worker = {
         "groupName": "gpu",
         "replicas": nodes,
-        "minReplicas": nodes,  # elastic training: cluster.min_workers would go here
+        # fixed: KubeRay recreates a lost pod, and an elastic run (cluster.min_workers, in the
+        # entrypoint) shrinks meanwhile and grows back when the pod is there again
+        "minReplicas": nodes,
         "maxReplicas": nodes,
         "rayStartParams": {},
         "template": _pod("ray-worker", image, [], {"limits": {"nvidia.com/gpu": gpus}}, storage, {}),

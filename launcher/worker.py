@@ -68,7 +68,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world != plan.world_size:  # an elastic run (re)started on another world size than the driver planned
         plan = replan(cfg, payload, world, rank)
-    stamps["replan_done_at"] = time.time()
+    stamps["replanned_at"] = time.time()  # not a start-up phase (no "_done_at"): a restart's
     recipe = RECIPES[cfg.recipe.name]
     torch.manual_seed(cfg.run.seed)
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
@@ -96,8 +96,8 @@ def replan(cfg: Config, payload: dict[str, Any], world: int, rank: int) -> Plan:
         new = Planning.from_dict(cfg, payload["planning"]).plan(payload["dataset_size"], world)
         refuse_unsupported(cfg, new, None)
         box = [new.to_dict()]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
+    if dist.is_initialized():  # NCCL carries the pickled plan on this rank's GPU
+        dist.broadcast_object_list(box, src=0, device=ray.train.torch.get_device())
     return Plan.from_dict(box[0])
 
 

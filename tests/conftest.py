@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -112,6 +113,50 @@ def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterat
         for proc in alive:
             proc.kill()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# The GCS declares a node dead after 3 failed health checks 1 s apart (Ray's defaults: 5, 3 s apart).
+# A killed raylet fails each at once; a live one on a loaded machine has 5 s to answer each
+# (at 0.5 s, a raylet of a loaded 2-core machine was declared dead and exited)
+FAST_NODE_DEATH = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "1000",
+                   "RAY_health_check_timeout_ms": "5000", "RAY_health_check_failure_threshold": "3"}
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
+    """Until ``text`` is in ``log``; a test failure naming ``what`` if ``proc`` ends or ``timeout`` passes first."""
+    deadline = time.time() + timeout
+    while text not in (log.read_text() if log.exists() else ""):
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"{what} did not come up:\n{log.read_text()[-3000:] if log.exists() else ''}")
+        time.sleep(0.2)
+
+
+class RayNode:
+    """A second Ray node on 127.0.0.2 joined to the head, in its own process group."""
+
+    def __init__(self, address: str, temp: Path, env: dict[str, str]) -> None:
+        self.temp = Path(tempfile.mkdtemp(prefix="raynode-", dir="/tmp"))  # short: AF_UNIX paths
+        self.log = temp / f"node-{time.time_ns()}.log"
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={address}",
+             "--node-ip-address=127.0.0.2", "--num-cpus=1", f"--temp-dir={self.temp}",
+             f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000",
+             "--disable-usage-stats"],
+            env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_for(self.log, "Ray runtime started", self.proc, "the second Ray node")
+
+    def kill(self) -> None:
+        """SIGKILL to the node's process group and every process it started (raylet, workers)."""
+        procs = [self.proc, *psutil.Process(self.proc.pid).children(recursive=True)]
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:

@@ -19,71 +19,26 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import free_port, ray_head
-
-# the GCS declares a node dead after 3 missed health checks 0.5 s apart (Ray's default: about 30 s)
-FAST = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
-        "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _wait_for(log: Path, text: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while text not in (log.read_text() if log.exists() else ""):
-        if proc.poll() is not None or time.time() > deadline:
-            pytest.fail(f"{what} did not come up:\n{log.read_text()[-3000:] if log.exists() else ''}")
-        time.sleep(0.2)
-
-
-class Node:
-    """A second Ray node on 127.0.0.2 joined to the head, in its own process group."""
-
-    def __init__(self, address: str, temp: Path, env: dict[str, str]) -> None:
-        self.temp = Path(tempfile.mkdtemp(prefix="raynode-", dir="/tmp"))  # short: AF_UNIX paths
-        self.log = temp / f"node-{time.time_ns()}.log"
-        self.proc = subprocess.Popen(
-            [RAY, "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.2", "--num-cpus=1",
-             f"--temp-dir={self.temp}",
-             f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000",
-             "--disable-usage-stats"],
-            env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        _wait_for(self.log, "Ray runtime started", self.proc, "the second Ray node")
-
-    def kill(self) -> None:
-        """SIGKILL to the node's process group and every process it started (raylet, workers)."""
-        procs = [self.proc, *psutil.Process(self.proc.pid).children(recursive=True)]
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        shutil.rmtree(self.temp, ignore_errors=True)
+from tests.conftest import FAST_NODE_DEATH, RayNode, ray_head, wait_for
 
 
 @pytest.fixture
-def cluster() -> Iterator[tuple[str, Path, dict[str, str], list[Node]]]:
+def cluster() -> Iterator[tuple[str, Path, dict[str, str], list[RayNode]]]:
     """(head address, its temp dir, the nodes' environment, the second nodes started: killed at the end)."""
-    env = {**os.environ, **FAST, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    env = {**os.environ, **FAST_NODE_DEATH, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     with ray_head("--num-cpus=2", "--object-store-memory=200000000", env=env, others=True) as (head, temp, port):
-        _wait_for(temp / "head.log", "Ray runtime started", head, "ray start --head")
-        nodes: list[Node] = []
+        wait_for(temp / "head.log", "Ray runtime started", head, "ray start --head")
+        nodes: list[RayNode] = []
         try:
             yield f"127.0.0.1:{port}", temp, env, nodes
         finally:
@@ -107,7 +62,7 @@ def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_when_one_joins_keepin
     cluster: tuple, tmp_path: Path  # type: ignore[type-arg]
 ) -> None:
     address, temp, env, nodes = cluster
-    nodes.append(Node(address, temp, env))
+    nodes.append(RayNode(address, temp, env))
     ledger, go1, go2 = tmp_path / "ledger", tmp_path / "go1", tmp_path / "go2"
     run = subprocess.Popen(
         [sys.executable, "-m", "launcher", "scale=smoke", "cluster=ray", f"cluster.address={address}",
@@ -145,7 +100,7 @@ def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_when_one_joins_keepin
         assert "micro 11x1 -> 16x1, global 32 kept; steps 11-12 are trained again" in shrunk
         go1.touch()
         until("held after step 17")
-        nodes.append(Node(address, temp, env))  # a node joins during step 17
+        nodes.append(RayNode(address, temp, env))  # a node joins during step 17
         grown = until("world 2 -> 3 at step 15")
         assert "micro 16x1 -> 11x1, global 32 kept; steps 16-17 are trained again" in grown
         go2.touch()
