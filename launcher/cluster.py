@@ -99,9 +99,7 @@ def connect(cluster: Cluster) -> str:
             runtime_env={
                 "py_modules": [str(Path(launcher.__file__).parent), str(Path(recipes.__file__).parent)],
                 "worker_process_setup_hook": QUIET,
-                # the tracking server's credentials (never in the payload), and the launcher's own
-                # variables (the sample ledger, fault injection): what the workers of an embedded Ray inherit
-                "env_vars": credential_env() | {k: v for k, v in os.environ.items() if k.startswith("LAUNCHER_")},
+                "env_vars": _worker_env(credential_env()),
             },
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -115,6 +113,19 @@ def connect(cluster: Cluster) -> str:
         ) from None
     print(f"ray: connected to {address} (authentication: {auth})", flush=True)
     return address
+
+
+def _worker_env(credentials: dict[str, str]) -> dict[str, str]:
+    """What the workers get from this driver's environment: the tracking server's credentials (never in
+    the payload) and the launcher's own variables (the sample ledger, fault injection), as an embedded
+    Ray's workers inherit them. Less what the Ray job running this driver (``action=submit``) already
+    gives every worker: Ray refuses a variable given twice."""
+    import json
+
+    wanted = credentials | {k: v for k, v in os.environ.items() if k.startswith("LAUNCHER_")}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray's job supervisor
+    given = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in wanted.items() if k not in given}
 
 
 def authentication() -> str:

@@ -68,7 +68,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world != plan.world_size:  # an elastic run (re)started on another world size than the driver planned
         plan = replan(cfg, payload, world, rank)
-    stamps["replanned_at"] = time.time()  # not a start-up phase (no "_done_at"): a restart's
+    stamps["replanned_at"] = time.time()  # for a restart's timings; not a start-up phase (no "_done_at")
     recipe = RECIPES[cfg.recipe.name]
     torch.manual_seed(cfg.run.seed)
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
@@ -172,7 +172,8 @@ def group_record(plan: Plan, planned: Plan, previous: dict[str, Any] | None, sta
                           "grad_accum": planned.grad_accum, "reached": start}
     again = list(range(start + 1, before["reached"] + 1))  # finished, then rolled back with the model
     resized = before["world"] != plan.world_size
-    redo = f"; steps {again[0]}-{again[-1]} are trained again from the checkpoint" if again else ""
+    steps = f"steps {again[0]}-{again[-1]} are" if len(again) > 1 else f"step {again[0]} is" if again else ""
+    redo = f"; {steps} trained again from the checkpoint" if again else ""
     if resized:
         line = (
             f"world {before['world']} -> {plan.world_size} at step {start}: micro {before['micro_batch']}x"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -157,6 +158,16 @@ class RayNode:
                 pass
         psutil.wait_procs(procs, timeout=10)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def ledger_steps(ledger: Path, ranks: int) -> dict[int, list[int]]:
+    """The sample ledger (``LAUNCHER_SAMPLE_LEDGER``) of ranks ``0..ranks-1``: each step's sample ids, all ranks'."""
+    per_step: dict[int, list[int]] = {}
+    for rank in range(ranks):
+        for line in (ledger / f"rank{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            per_step.setdefault(entry["step"], []).extend(entry["ids"])
+    return per_step
 
 
 def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FAST_NODE_DEATH, RayNode, ray_head, wait_for
+from tests.conftest import FAST_NODE_DEATH, RayNode, ledger_steps, ray_head, wait_for
 
 
 @pytest.fixture
@@ -128,11 +128,7 @@ def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_when_one_joins_keepin
     from launcher.data import StepBatches
     from recipes import bert
 
-    per_step: dict[int, list[int]] = {}
-    for rank in (0, 1, 2):
-        for line in (ledger / f"rank{rank}.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            per_step.setdefault(entry["step"], []).extend(entry["ids"])
+    per_step = ledger_steps(ledger, 3)
     assert sorted(per_step) == list(range(1, 21))
     samples = len(bert.build_data(load(["scale=smoke"]), tmp_path / "storage" / "cache").train)
     stream = StepBatches(samples, micro=32, accum=1, world=1, rank=0, seed=0)  # the global stream

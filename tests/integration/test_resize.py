@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from launcher.data import StepBatches
 from launcher.optim import lr_factor
 from launcher.planner import Plan
-from tests.conftest import launcher
+from tests.conftest import launcher, ledger_steps
 
 COMMON = ["scale=smoke", "train.log_every=5", "train.checkpoint_every=10", "train.eval_every=1000",
           "train.eval_batches=1", "batch.micro_batch=4"]
@@ -71,11 +71,7 @@ def test_a_2_worker_run_resumed_on_3_workers_at_a_new_lr_keeps_32_reads_each_sam
         assert logged[done] == pytest.approx(new_lr * lr_factor(done - 1, replanned), rel=1e-6)
         assert logged[done] != pytest.approx(old.lr * lr_factor(done - 1, replanned), rel=1e-3)
 
-    per_step: dict[int, list[int]] = {}
-    for rank in (0, 1, 2):
-        for line in (ledger / f"rank{rank}.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            per_step.setdefault(entry["step"], []).extend(entry["ids"])
+    per_step = ledger_steps(ledger, 3)
     assert sorted(per_step) == list(range(1, 21))
     assert [len(per_step[s]) for s in range(1, 21)] == [32] * 20  # 2 x 16, then 11 + 11 + 10
     samples = len(bert.build_data(load(["scale=smoke"]), shared_outputs / "cache").train)

@@ -103,6 +103,9 @@ def test_a_group_record_says_what_changed_and_which_steps_are_trained_again() ->
     assert shrunk["record"]["steps_trained_again"] == [11, 12]
     assert shrunk["record"]["world_size"] == {"from": 3, "to": 2}
 
+    one = group_record(small, planned, {"world": 2, "micro_batch": 16, "grad_accum": 1, "reached": 11}, 10)
+    assert one["line"].endswith("(world unchanged); step 11 is trained again from the checkpoint")
+
     restarted = group_record(small, planned, {"world": 2, "micro_batch": 16, "grad_accum": 1, "reached": 10}, 10)
     assert not restarted["resized"] and restarted["line"] == "restarted at step 10 on 2 workers (world unchanged)"
 
