@@ -137,8 +137,7 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
     stamps["worker_model_done_at"] = time.time()
     group = None
     if poll is not None:  # rank 0: which worker group this is, after which
-        previous = poll.group_started({"world": w.world, "micro_batch": plan.micro_batch,
-                                       "grad_accum": plan.grad_accum, "step": start})
+        previous = poll.group_started({**_split(plan), "step": start})
         group = group_record(plan, Plan.from_dict(payload["plan"]), previous, start)
         if group["line"]:
             w.say(group["line"])
@@ -168,8 +167,7 @@ def group_record(plan: Plan, planned: Plan, previous: dict[str, Any] | None, sta
     """What this worker group's start means for the run: its console line, and (a resize) the record
     ``plans/step_<start>.json`` says. ``previous``: the group before, with the last step it finished
     (None: the run's first group, compared with the driver's plan)."""
-    before = previous or {"world": planned.world_size, "micro_batch": planned.micro_batch,
-                          "grad_accum": planned.grad_accum, "reached": start}
+    before = previous or {**_split(planned), "reached": start}
     again = list(range(start + 1, before["reached"] + 1))  # finished, then rolled back with the model
     resized = before["world"] != plan.world_size
     steps = f"steps {again[0]}-{again[-1]} are" if len(again) > 1 else f"step {again[0]} is" if again else ""
@@ -191,6 +189,11 @@ def group_record(plan: Plan, planned: Plan, previous: dict[str, Any] | None, sta
         "reasons": list(plan.reasons),
     }  # fmt: skip
     return {"first": previous is None, "resized": resized, "line": line, "record": record}
+
+
+def _split(p: Plan) -> dict[str, int]:
+    """A worker group's world and split, as the run's control actor keeps them."""
+    return {"world": p.world_size, "micro_batch": p.micro_batch, "grad_accum": p.grad_accum}
 
 
 @dataclass
