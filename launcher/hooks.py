@@ -54,8 +54,9 @@ def startup_phases(stamps: dict[str, float], now: float) -> dict[str, float]:
     ``stamps`` are wall-clock times, ``<phase>_done_at``, taken by the driver (config, connect,
     plan, data, tracking, ray) and by rank 0 (workers: Ray Train's controller, the worker group
     and the process group; worker_data; worker_model: model, DDP, optimizer, restore, loader).
-    A phase lasts from the stamp before it to its own; on a cluster the driver's and rank 0's
-    clocks may differ a little.
+    A phase lasts from the stamp before it to its own, so phases that overlap (the MLflow run opens
+    while the embedded Ray starts) count only the time after the one that ended first; on a cluster
+    the driver's and rank 0's clocks may differ a little.
     """
     order = sorted((t, k) for k, t in {**stamps, "first_step_done_at": now}.items() if k.endswith("_done_at"))
     phases, last = {}, stamps["launched_at"]

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -194,12 +195,36 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     name = run_name(cfg)
     for root in (storage, out / "logs"):  # the run's folders checked before its MLflow run is opened
         run_path(root, name, "")
-    run_id = _open_run(cfg, uri, p, name, resume)
-    timings["tracking_done_at"] = time.time()
+    run_id = _open_run_while_ray_starts(cfg, uri, p, name, resume, out, timings)
     payload = {"run_id": run_id, "tracking_uri": uri, "cache_dir": str(cache),
                "run_root": run_path(storage, name, run_id),  # the run's folder in the storage
                "planning": planning.to_dict(), "dataset_size": size(data.train)}  # to plan again in the workers
     return _launch(cfg, p, out, storage, name, timings, payload)
+
+
+def _open_run_while_ray_starts(
+    cfg: Config, uri: str, p: Plan, name: str, resume: Resume | None, out: Path, timings: dict[str, float]
+) -> str:
+    """The MLflow run opens in a thread while the embedded Ray starts (both take seconds, mostly waiting);
+    each is stamped when it is done. Either failing undoes the other: the run is closed, Ray stopped."""
+    from launcher import cluster
+
+    local = cfg.cluster.kind == "local"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
+        opening = pool.submit(lambda: (_open_run(cfg, uri, p, name, resume), time.time()))
+        try:
+            if local:
+                cluster.start_local(p.world_size * cfg.cluster.cpus_per_worker)
+                timings["ray_done_at"] = time.time()
+            run_id, timings["tracking_done_at"] = opening.result()
+        except BaseException as e:
+            cluster.stop(out / "logs" / f"{name}-not-launched", local=local)
+            with contextlib.suppress(Exception):  # the run, if it opened, is closed; the first error is reported
+                opened = opening.result()[0]
+                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                finish_run(uri, opened, status, None, out / "spool" / f"{opened}.json")
+            raise
+    return run_id
 
 
 def _open_run(cfg: Config, uri: str, p: Plan, name: str, resume: Resume | None) -> str:
@@ -227,16 +252,14 @@ def _open_run(cfg: Config, uri: str, p: Plan, name: str, resume: Resume | None) 
 def _launch(
     cfg: Config, p: Plan, out: Path, storage: str, name: str, timings: dict[str, float], payload: dict[str, Any]
 ) -> int:
-    """Ray (embedded or connected), the run's control actor, Ray Train; the MLflow run closed whatever happens."""
+    """Ray (embedded, already started, or connected): the run's control actor, Ray Train; the MLflow run and an
+    embedded Ray closed whatever happens."""
     from launcher import cluster, control
 
     local, run_id, uri = cfg.cluster.kind == "local", payload["run_id"], payload["tracking_uri"]
     run_dir, logs = _run_dir(name, run_id), Path(run_path(out / "logs", name, run_id))
     status, backlog = "FAILED", None
     try:
-        if local:
-            cluster.start_local(p.world_size * cfg.cluster.cpus_per_worker)
-            timings["ray_done_at"] = time.time()
         actor = control.create(run_id)
         with _graceful_stop(actor) as stop:  # after ray.init, which sets its own SIGTERM handler
             result = _fit(cfg, p, storage, run_dir, timings, payload)

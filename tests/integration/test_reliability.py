@@ -260,6 +260,19 @@ def test_an_unreachable_tracking_server_fails_in_seconds_or_falls_back(tmp_path:
     assert run.info.status == "FINISHED"
 
 
+def test_a_run_that_cannot_be_opened_stops_the_ray_started_beside_it(tmp_path: Path) -> None:
+    """The MLflow run opens while the embedded Ray starts: when the run cannot be opened, that Ray is
+    stopped (its logs kept, none of its processes left) and the error names the key, exit 2."""
+    out = launcher("scale=smoke", "tracking.uri=sqlite:////proc/no-such-dir/mlflow.db", "run.name=unopened",
+                   f"run.output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "tracking.uri: cannot open an MLflow run at sqlite:////proc/no-such-dir/mlflow.db" in out.stderr
+    (session,) = (tmp_path / "out" / "logs" / "unopened-not-launched").iterdir()  # the embedded Ray's logs
+    assert session.name.startswith("session_") and (session / "raylet.out").exists()
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if session.name in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
+
+
 def test_a_tracking_outage_mid_run_loses_no_metric_and_no_secret(tmp_path: Path, shared_outputs: Path) -> None:
     port = free_port()
     server, url = start_mlflow_server(tmp_path, port)
