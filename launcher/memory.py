@@ -9,7 +9,7 @@ The profile comes from, in order of preference:
    device and torch version, and shipped to every rank inside the plan, so all agree;
 3. a device-free estimate: parameter, gradient and optimizer-state bytes counted from the
    model, activation bytes per sample from the tensors autograd saves during a CPU forward
-   pass at micro-batch 2 and 4 (``torch.autograd.graph.saved_tensors_hooks``), cached.
+   pass at micro-batch 1 and 2 (``torch.autograd.graph.saved_tensors_hooks``), cached.
 
 The same forward passes count the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``;
 backward = 2x forward), and the GPU probe times its steps: the planner's step time and time to
@@ -218,7 +218,7 @@ def _probe_here(cfg: Config) -> dict[str, dict[int, float | str]]:
     return {"peak": peaks, "step_s": step_s}
 
 
-CACHE_VERSION = 4  # bumped when the estimate or probe method changes, so no stale profile is read
+CACHE_VERSION = 5  # bumped when the estimate or probe method changes, so no stale profile is read
 
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
 
@@ -314,10 +314,10 @@ def _cpu_sdpa_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, *
 
 
 def _trace(model: nn.Module, recipe: Any, cfg: Config) -> tuple[float, float | None, str]:
-    """Per sample, from a training-mode CPU forward at micro-batch 2 and 4: the bytes autograd saves for
-    backward, ``(f(4) - f(2)) / 2``, at least ``f(4) / 4``; the FLOPs of forward + backward, counted alike
-    with ``FlopCounterMode`` (backward = 2x forward: a gradient for the input and one for the weight per
-    matmul); and how they were counted (or why not: then None).
+    """Per sample, from a training-mode CPU forward at micro-batch 1 and 2 (2 and 4 for a model that refuses
+    one sample): the bytes autograd saves for backward, ``f(2) - f(1)``, at least ``f(2) / 2``; the FLOPs
+    of forward + backward, counted alike with ``FlopCounterMode`` (backward = 2x forward: a gradient for
+    the input and one for the weight per matmul); and how they were counted (or why not: then None).
 
     Each saved tensor counted once (``SavedBytes``): a ReLU output that the next layer also
     saves is one tensor, not two.
@@ -336,10 +336,14 @@ def _trace(model: nn.Module, recipe: Any, cfg: Config) -> tuple[float, float | N
         del out
         return saved.total, counter.get_total_flops()
 
-    # micro-batch 2 and 4, not 1: BatchNorm refuses one sample per channel in training mode
-    (two, f2), (four, f4) = saved_bytes(2), saved_bytes(4)
-    forward = max((f4 - f2) / 2, f4 / 4)
-    bytes_per_sample = float(max((four - two) / 2, math.ceil(four / 4)))
+    # micro-batch 1 and 2 (half the work of 2 and 4 at the same answer: the bytes grow linearly);
+    # 2 and 4 when the model refuses a single sample (BatchNorm on one value per channel)
+    try:
+        n, (small, f_small), (big, f_big) = 1, saved_bytes(1), saved_bytes(2)
+    except ValueError:
+        n, (small, f_small), (big, f_big) = 2, saved_bytes(2), saved_bytes(4)
+    forward = max((f_big - f_small) / n, f_big / (2 * n))
+    bytes_per_sample = float(max((big - small) / n, math.ceil(big / (2 * n))))
     if forward <= 0:
         return bytes_per_sample, None, "the FLOP counter found no matmul or convolution in the model's forward"
     detail = (

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from launcher.hooks import startup_phases
-from launcher.memory import _activations_per_sample
+from launcher.memory import SavedBytes, _activations_per_sample
 
 D = 64
 
@@ -35,6 +35,38 @@ def test_a_tensor_two_ops_save_is_counted_once() -> None:
     # saved per sample: the input x (for a's weight grad) and relu's output (for relu and for b): 2 x D floats
     per_sample = _activations_per_sample(MLP(), Recipe(), None)  # type: ignore[arg-type]
     assert per_sample == 2 * D * 4
+
+
+class NormedMLP(nn.Module):
+    """Linear -> BatchNorm1d -> Linear: BatchNorm refuses one sample per channel in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(D, D), nn.BatchNorm1d(D), nn.Linear(D, D)
+        self.sizes: list[int] = []
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.sizes.append(len(batch["x"]))
+        return {"loss": self.b(self.norm(self.a(batch["x"]))).sum()}
+
+
+def test_the_trace_takes_one_and_two_samples_or_two_and_four_where_one_is_refused() -> None:
+    mlp = MLP()
+    sizes: list[int] = []
+    mlp.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0]["x"])))
+    _activations_per_sample(mlp, Recipe(), None)  # type: ignore[arg-type]
+    assert sizes == [1, 2]
+    normed = NormedMLP()
+    per_sample = _activations_per_sample(normed, Recipe(), None)  # type: ignore[arg-type]
+    assert normed.sizes == [1, 2, 4]  # the single sample refused, then 2 and 4
+
+    def saved(n: int) -> int:  # counted here directly
+        counter = SavedBytes(normed.parameters())
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            normed({"x": torch.randn(n, D)})
+        return counter.total
+
+    assert per_sample == max((saved(4) - saved(2)) / 2, saved(4) / 4)  # growth per sample, at least the mean
 
 
 def test_startup_phases_follow_the_stamps_and_add_up() -> None:
