@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint plan bench mlflow-ui docker clean
+.PHONY: help setup run test lint plan bench bench-gpu mlflow-ui docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ plan: setup ## show the plan for BERT on 8x8 80 GB GPUs at global batch 8192 (no
 
 bench: setup ## benchmarks on CPU -> bench/results/*.json and tables (about 17 min on 2 cores)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/tables.py
+
+bench-gpu: setup ## on a GPU: ResNet-50, BERT-large MFU, Mask R-CNN, memory -> bench/results/gpu.json
+	$(BIN)/python bench/gpu.py
 
 mlflow-ui: setup ## open the local MLflow store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

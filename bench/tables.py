@@ -1,0 +1,298 @@
+"""BENCHMARKS.md's tables, generated from ``bench/results/*.json``: ``python bench/tables.py`` (run by ``make bench``).
+
+Each generated table sits between two markers in BENCHMARKS.md::
+
+    <!-- table:cpu_smoke:throughput -->
+
+    | ... |
+
+    <!-- /table -->
+
+``cpu_smoke`` names the results file (``bench/results/cpu_smoke.json``), ``throughput`` the table
+(a key of ``TABLES``). The script rewrites only the text between the markers: the row labels live
+here, every number comes from the JSON; the prose around them is left as it is. Running it twice
+changes nothing. Tables without markers (hand-measured sections that no JSON backs) are not touched.
+
+    python bench/tables.py            # rewrite BENCHMARKS.md's generated tables
+    python bench/tables.py --check    # exit 1 when BENCHMARKS.md is out of date (prints the diff)
+    python bench/tables.py --print gpu:throughput   # one table on stdout, no markers
+
+No third-party imports: ``bench/gpu.py`` prints its tables with this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "BENCHMARKS.md"
+RESULTS = ROOT / "bench" / "results"
+MARKED = re.compile(
+    r"(?P<open><!-- table:(?P<file>[\w-]+):(?P<table>[\w-]+) -->\n)(?P<body>.*?)(?P<close><!-- /table -->)", re.DOTALL
+)
+
+Json = dict[str, Any]
+
+
+def _row(*cells: object) -> str:
+    return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+
+
+def _head(*cells: str) -> list[str]:
+    return [_row(*cells), "|" + "---|" * len(cells)]
+
+
+# ---------------------------------------------------------------- cpu_smoke.json (bench/run.py)
+
+
+def cpu_smoke_throughput(d: Json) -> list[str]:
+    """The launcher against torchrun + a plain DDP loop: start, steady throughput, wall."""
+    ours, plain = d["launcher"], d["torchrun_plain_ddp"]
+
+    def repeats(r: Json, key: str) -> str:
+        return ", ".join(f"{x[key]:.1f}" for x in r.get("repeats", []))
+
+    start = ours["time_to_first_step_s"] / plain["time_to_first_step_s"]
+    slower = f"{start:.1f}x slower start" if start >= 1 else f"{1 / start:.1f}x faster start"
+    return [
+        *_head("", "time to first optimizer step (s)", "steady samples/s", "wall (s)"),
+        _row("launcher (Ray Train, MLflow logging every 10 steps)",
+             f"{ours['time_to_first_step_s']:.1f} ({repeats(ours, 'time_to_first_step_s')})",
+             f"{ours['samples_per_s']:.1f} ({repeats(ours, 'samples_per_s')})", f"{ours['wall_s']:.1f}"),
+        _row("torchrun + plain DDP", f"{plain['time_to_first_step_s']:.1f}", f"{plain['samples_per_s']:.1f}",
+             f"{plain['wall_s']:.1f}"),
+        _row("launcher / plain", slower, f"**{d['throughput_ratio']:.3f}**", ""),
+    ]  # fmt: skip
+
+
+STARTUP = [  # (phase, the launcher's cell, the plain script's cell): {key} is that side's startup_<key>_s
+    ("process start to `main()`: interpreter, imports, Hydra composition, validation", "{config} (config)",
+     "{process} (torchrun's agent forks the ranks) + {imports} (imports)"),
+    ("data: build or read the tokenizer/pairs cache (driver)", "{data}", "{data} (in each rank)"),
+    ("plan: hardware, memory profile (cached), planner", "{plan}", "-"),
+    ("tracking: create the MLflow run, log config and plan", "{tracking}", "-"),
+    ("Ray: start the embedded cluster", "{ray}", "-"),
+    ("workers: Ray Train controller, worker group, process group (gloo)", "{workers}",
+     "{process_group} (process group)"),
+    ("worker data: the rank's dataset from the cache", "{worker_data}", "(above)"),
+    ("model: build, DDP wrap, optimizer, checkpoint lookup, DataLoader", "{worker_model}", "{model}"),
+    ("first step: first batches, forward, backward, optimizer step", "{first_step}", "{first_step}"),
+]  # fmt: skip
+
+
+def cpu_smoke_startup(d: Json) -> list[str]:
+    """Start-up phase by phase, both sides (medians of the runs)."""
+    ours, plain = d["launcher"], d["torchrun_plain_ddp"]
+
+    def phases(r: Json) -> dict[str, str]:
+        return {k.removeprefix("startup_").removesuffix("_s"): f"{v:.2f}" for k, v in r["startup"].items()
+                if k.startswith("startup_")}  # fmt: skip
+
+    mine, theirs = phases(ours), phases(plain)
+    return [
+        *_head("phase", "launcher", "torchrun + plain DDP"),
+        *(_row(name, a.format(**mine), b.format(**theirs)) for name, a, b in STARTUP),
+        _row("**command to first optimizer step**", f"**{ours['time_to_first_step_s']:.1f}**",
+             f"**{plain['time_to_first_step_s']:.1f}**"),
+    ]
+
+
+def cpu_smoke_noise(d: Json) -> list[str]:
+    """``train.measure_noise_scale``'s cost, paired steps (bench/noise_overhead.py)."""
+    n = d["noise_scale_overhead"]
+    return [
+        *_head("", "step time (median, ms)"),
+        _row("`train_step` without the noise scale", f"{n['step_ms_without']:.1f}"),
+        _row("with it (per-bucket squared norm before DDP's all-reduce, the global norm, the estimator)",
+             f"{n['step_ms_with']:.1f}"),
+        _row("overhead", f"**{100 * n['overhead']:.2f}%** (target: under 3%)"),
+    ]
+
+
+# ---------------------------------------------------------------- batch_finders.json (bench/batch_finders.py)
+
+
+def _share(r: Json) -> str:
+    return f"{r['of_true_max']:.0%}" if r.get("of_true_max") is not None else "-"
+
+
+def batch_finders_quality(d: Json) -> list[str]:
+    """The largest micro-batch under a budget: the true maximum, the planner, Lightning, Accelerate."""
+
+    def found(r: Json) -> str:
+        return "error" if "error" in r else f"{r['max']}, {_share(r)}, {r['steps']} steps, {r['seconds']:.1f} s"
+
+    lines = _head("model", "budget", "true max (trials)", "planner: bound, share of max, steps, fits",
+                  "Lightning `power`: found, share, steps, time", "Lightning `binsearch`", "Accelerate")
+    for row in d["rows"]:
+        p, true = row["planner"], row["exhaustive"]
+        planner = "error" if "error" in p else (
+            f"{p['max']}, {_share(p)}, {p['steps']} steps ({p['seconds']:.1f} s), {'fits' if p.get('fits') else 'OOM'}")
+        lines.append(_row(row["scenario"], f"{row['budget_gb']:g} GB", f"{true['max']} ({true['trials']})", planner,
+                          found(row["lightning_power"]), found(row["lightning_binsearch"]), found(row["accelerate"])))
+    return lines
+
+
+FINDER_MODELS = {"cnn": "ResNet-18, 64 px", "resnet50": "ResNet-50, 96 px", "bert-base": "BERT-base, 32 tokens"}
+
+
+def measured_fit(row: Json) -> tuple[float, float] | None:
+    """(per-sample GB, fixed GB) fitted through the capped peaks at the planner's size and the true maximum."""
+    p, true = row["planner"], row["exhaustive"]
+    a, b = p.get("max"), true.get("max")
+    pa, pb = p.get("measured_peak_gb_at_max"), true.get("peak_gb_at_max")
+    if not (a and b and pa and pb) or a == b:
+        return None
+    slope = (pb - pa) / (b - a)
+    return slope, pa - a * slope
+
+
+def batch_finders_estimate(d: Json) -> list[str]:
+    """The device-free estimate against the capped peaks, per model."""
+    lines = _head("model", "bytes per sample: estimate / measured", "model states: estimate / measured fixed part")
+    for row in d["rows"]:
+        p, fit = row["planner"], measured_fit(row)
+        name = FINDER_MODELS.get(row["scenario"], row["scenario"])
+        if "error" in p or fit is None:
+            lines.append(_row(name, "-", "-"))
+            continue
+        slope, fixed = fit
+        lines.append(_row(name, f"{1024 * p['per_sample_gb']:.1f} / {1024 * slope:.1f} MB "
+                                f"({p['per_sample_gb'] / slope - 1:+.0%})",
+                          f"{p['model_states_gb']:.3f} / {fixed:.3f} GB ({p['model_states_gb'] / fixed - 1:+.0%})"))
+    return lines
+
+
+# ---------------------------------------------------------------- resize.json (bench/resize.py)
+
+RESIZE_PHASES = {"detection_s": "detection", "restart_s": "restart", "replan_s": "re-plan", "data_s": "data",
+                 "restore_s": "restore", "first_step_s": "first step", "total_s": "total"}  # fmt: skip
+RESIZE_RUNS = {"fixed": "fixed, node replaced at once"}  # the JSON's run names -> the table's, where they differ
+
+
+def resize_recovery(d: Json) -> list[str]:
+    """From a node's loss to the first step after it, phase by phase."""
+    lines = _head("run", "worlds (step, size)", *(f"{v} (s)" for v in RESIZE_PHASES.values()))
+    for r in d["rows"]:
+        worlds = ", ".join(f"({step}, {size})" for step, size in r["worlds"])
+        lines.append(_row(RESIZE_RUNS.get(r["name"], r["name"]), worlds, *(f"{r[k]:.1f}" for k in RESIZE_PHASES)))
+    return lines
+
+
+# ---------------------------------------------------------------- gpu.json (bench/gpu.py)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def gpu_throughput(d: Json) -> list[str]:
+    """Samples/s of the plain loop and of the launcher's step, paired; MFU."""
+    lines = _head("workload", "micro-batch", "plain loop (samples/s)", "launcher `DDPStep` (samples/s)",
+                  "launcher / plain", "MFU, 6 x params per token (launcher)", "MFU, counted FLOPs (launcher)")
+    for name, w in d["workloads"].items():
+        if "error" in w:
+            lines.append(_row(name, w.get("micro_batch", "-"), "error", "error", "-", "-", "-"))
+            continue
+        mfu_6n, counted = w.get("mfu_6n") or {}, w.get("mfu_counted") or {}
+        lines.append(_row(w["what"], w["micro_batch"], f"{w['plain']['samples_per_s']:.1f}",
+                          f"{w['launcher']['samples_per_s']:.1f}", f"**{w['launcher_vs_plain']:.3f}**",
+                          _num(mfu_6n.get("launcher"), ".1%"), _num(counted.get("launcher"), ".1%")))
+    return lines
+
+
+def gpu_memory(d: Json) -> list[str]:
+    """The memory profile's predicted peak against the measured one, at the benchmark's micro-batch."""
+    lines = _head("workload", "micro-batch", "predicted peak (GB, source)", "device-free estimate (GB)",
+                  "measured peak (GB)", "predicted / measured")
+    for name, w in d["workloads"].items():
+        m = w.get("memory")
+        if not m:
+            lines.append(_row(name, w.get("micro_batch", "-"), "error", "-", "-", "-"))
+            continue
+        lines.append(_row(w.get("what", name), w["micro_batch"], f"{m['predicted_gb']:.2f} ({m['predicted_source']})",
+                          f"{m['estimate_gb']:.2f}", f"{m['measured_gb']:.2f}", f"{m['predicted_over_measured']:.2f}"))
+    return lines
+
+
+TABLES: dict[str, Callable[[Json], list[str]]] = {
+    "cpu_smoke:throughput": cpu_smoke_throughput,
+    "cpu_smoke:startup": cpu_smoke_startup,
+    "cpu_smoke:noise": cpu_smoke_noise,
+    "batch_finders:quality": batch_finders_quality,
+    "batch_finders:estimate": batch_finders_estimate,
+    "resize:recovery": resize_recovery,
+    "gpu:throughput": gpu_throughput,
+    "gpu:memory": gpu_memory,
+}
+
+
+# ---------------------------------------------------------------- the document
+
+
+def render_table(key: str, results: Path) -> str:
+    """Table ``key`` (``<file>:<table>``) from ``results/<file>.json``, as markdown lines."""
+    if key not in TABLES:
+        raise SystemExit(f"bench/tables.py: no table {key!r}; the tables: {', '.join(TABLES)}")
+    path = results / f"{key.split(':')[0]}.json"
+    if not path.exists():
+        raise SystemExit(f"bench/tables.py: {key} needs {path}, which does not exist (run its benchmark first)")
+    data = json.loads(path.read_text())
+    if data.get("dry_run"):
+        raise SystemExit(f"bench/tables.py: {path} is a --dry-run's output (tiny sizes on CPU), not a measurement")
+    return "\n".join(TABLES[key](data))
+
+
+def render(doc: str, results: Path) -> str:
+    """``doc`` with every marked table regenerated from ``results``; the rest unchanged."""
+
+    def one(m: re.Match[str]) -> str:
+        return f"{m['open']}\n{render_table(m['file'] + ':' + m['table'], results)}\n\n{m['close']}"
+
+    return MARKED.sub(one, doc)
+
+
+def unmarked(doc: str, results: Path) -> list[str]:
+    """Tables of results files present in ``results`` that ``doc`` has no markers for."""
+    marked = {f"{m['file']}:{m['table']}" for m in MARKED.finditer(doc)}
+    present = {p.stem for p in results.glob("*.json")}
+    return [k for k in TABLES if k.split(":")[0] in present and k not in marked]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when the document is out of date")
+    ap.add_argument("--print", dest="table", metavar="FILE:TABLE", help="print one table, e.g. gpu:throughput")
+    ap.add_argument("--doc", type=Path, default=DOC, help="default: BENCHMARKS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="default: bench/results")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(render_table(args.table, args.results))
+        return 0
+    before = args.doc.read_text()
+    after = render(before, args.results)
+    missing = unmarked(before, args.results)
+    if missing:
+        print(f"bench/tables.py: {args.doc.name} has no markers for {', '.join(missing)}; add "
+              f"'<!-- table:FILE:TABLE -->' and '<!-- /table -->' lines where each belongs", file=sys.stderr)
+    if args.check:
+        if after != before:
+            sys.stdout.writelines(difflib.unified_diff(before.splitlines(True), after.splitlines(True),
+                                                       str(args.doc), f"{args.doc} (from {args.results})"))
+            print(f"bench/tables.py: {args.doc} is out of date; run python bench/tables.py", file=sys.stderr)
+        return 1 if after != before or missing else 0
+    if after != before:
+        args.doc.write_text(after)
+        print(f"bench/tables.py: rewrote the generated tables in {args.doc}")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

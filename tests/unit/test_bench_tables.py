@@ -1,0 +1,91 @@
+"""bench/tables.py: BENCHMARKS.md's generated tables match bench/results/*.json, and follow them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.conftest import ROOT
+
+TABLES_PY = ROOT / "bench" / "tables.py"
+
+
+def tables() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_tables", TABLES_PY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(TABLES_PY), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def copy(tmp_path: Path) -> tuple[Path, Path]:
+    """BENCHMARKS.md and bench/results/*.json copied to ``tmp_path``."""
+    results = tmp_path / "results"
+    results.mkdir()
+    for p in (ROOT / "bench" / "results").glob("*.json"):
+        shutil.copy(p, results)
+    doc = tmp_path / "BENCHMARKS.md"
+    shutil.copy(ROOT / "BENCHMARKS.md", doc)
+    return doc, results
+
+
+def test_benchmarks_md_matches_the_committed_results() -> None:
+    out = check("--check")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
+
+
+def test_every_marker_names_a_table_and_every_results_file_has_its_tables() -> None:
+    t = tables()
+    doc = (ROOT / "BENCHMARKS.md").read_text()
+    marked = [f"{m['file']}:{m['table']}" for m in t.MARKED.finditer(doc)]
+    assert len(marked) == len(set(marked)) == doc.count("<!-- /table -->") >= 6
+    assert set(marked) <= set(t.TABLES)
+    assert t.unmarked(doc, ROOT / "bench" / "results") == []
+
+
+def test_a_changed_number_changes_its_table_and_nothing_outside_the_markers(tmp_path: Path) -> None:
+    doc, results = copy(tmp_path)
+    before = doc.read_text()
+    smoke = json.loads((results / "cpu_smoke.json").read_text())
+    smoke["throughput_ratio"] = 0.5
+    smoke["noise_scale_overhead"]["step_ms_with"] = 99.94
+    (results / "cpu_smoke.json").write_text(json.dumps(smoke))
+    args = ("--doc", str(doc), "--results", str(results))
+
+    stale = check("--check", *args)
+    assert stale.returncode == 1 and "+| launcher / plain | 3.8x slower start | **0.500** | |" in stale.stdout
+    assert doc.read_text() == before  # --check writes nothing
+
+    assert check(*args).returncode == 0
+    after = doc.read_text()
+    assert "| launcher / plain | 3.8x slower start | **0.500** | |" in after and "**0.910**" not in after
+    assert "| 99.9 |" in after
+    t = tables()
+    assert t.MARKED.sub("", after) == t.MARKED.sub("", before)  # the prose as it was
+    assert check("--check", *args).returncode == 0  # idempotent
+    assert t.render(after, results) == after
+
+
+def test_a_results_file_without_markers_fails_the_check(tmp_path: Path) -> None:
+    doc, results = copy(tmp_path)
+    (results / "gpu.json").write_text(json.dumps({"workloads": {}}))
+    out = check("--check", "--doc", str(doc), "--results", str(results))
+    assert out.returncode == 1 and "no markers for gpu:throughput, gpu:memory" in out.stderr
+
+
+def test_a_dry_run_is_not_a_measurement(tmp_path: Path) -> None:
+    (tmp_path / "gpu.json").write_text(json.dumps({"dry_run": True, "workloads": {}}))
+    with pytest.raises(SystemExit, match="--dry-run"):
+        tables().render_table("gpu:throughput", tmp_path)
