@@ -11,7 +11,8 @@ Fault injection holds the run at known steps (``LAUNCHER_INJECT_HOLD``) while th
 3. checks the ledger (every sample of the 20 steps trained exactly once), the ``world_size``
    metric and one ``plans/step_N.json`` per resize naming the steps trained again.
 
-Ray is told to notice a dead node within seconds and to look for room every 2 s.
+Ray is told to notice a dead node within seconds, to look for room every 2 s, and to give up on
+a worker group that cannot start after 30 s (not 60).
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_when_one_joins_keepin
          "run.name=elastic"],
         cwd=tmp_path, env={**{k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},  # the launcher decides
                            "LAUNCHER_SAMPLE_LEDGER": str(ledger),
-                           "LAUNCHER_INJECT_HOLD": f"12:{go1},17:{go2}", "PYTHONUNBUFFERED": "1"},
+                           "LAUNCHER_INJECT_HOLD": f"12:{go1},17:{go2}", "PYTHONUNBUFFERED": "1",
+                           # after the node's loss Ray Train first asks for 3 workers again and waits this
+                           # long for them (60 s by default) before it starts the 2 it has
+                           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines, seen = _lines(run), []
