@@ -1,4 +1,4 @@
-"""Launching: plan on the driver, open the MLflow run, start Ray, run Ray Train, close up.
+"""Launching: plan on the driver, open the MLflow run while Ray starts, run Ray Train, close up.
 
 Locally the launcher starts an embedded Ray bound to 127.0.0.1 (no dashboard) and shuts
 it down at the end, whatever happened; ``cluster=ray`` connects to an existing cluster
