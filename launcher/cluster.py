@@ -37,7 +37,7 @@ def start_local(cpus: int) -> None:
     """An embedded Ray for this run on 127.0.0.1, without dashboard."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # no spot preemption on this machine
     # Ray Train's controller polls its workers every 2 s by default: on one machine the polls are
-    # cheap, and a run's end (or a worker's failure) is seen within 0.5 s (4 s less per run, measured)
+    # cheap, and a run's end (or a worker's failure) is seen within 0.5 s (about 4 s less per smoke run)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Ray turns a node address of 127.0.0.1 into the machine's outward IP, and its servers then
     # listen on every interface; as a single-node Ray (its setting on macOS and Windows) it keeps

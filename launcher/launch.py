@@ -205,8 +205,9 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
 def _open_run_while_ray_starts(
     cfg: Config, uri: str, p: Plan, name: str, resume: Resume | None, out: Path, timings: dict[str, float]
 ) -> str:
-    """The MLflow run opens in a thread while the embedded Ray starts (both take seconds, mostly waiting);
-    each is stamped when it is done. Either failing undoes the other: the run is closed, Ray stopped."""
+    """The MLflow run opens in a thread while the embedded Ray starts (seconds each; they overlap where
+    cores are free, not on 2 busy ones); each is stamped when it is done. Either failing undoes the
+    other: the run is closed, Ray stopped."""
     from launcher import cluster
 
     local = cfg.cluster.kind == "local"
