@@ -22,7 +22,7 @@ For each, on one GPU in this one process (no process group: a world of 1), at ``
    seed; at every step the same micro-batch (pinned host memory, copied to the device each step, as
    the launcher's DataLoader hands it over) goes through the launcher's ``DDPStep`` and through a
    plain loop (autocast, forward, per-term mean loss, backward, clipping, optimizer step; as
-   ``bench/plain_ddp.py``), in alternating order. This is ``bench/ranks.py: paired_times`` in one
+   ``bench/plain_ddp.py``), in alternating order. This is ``bench/ranks.py: time_paired`` in one
    process: no barrier, a device synchronize around each side's step instead. Samples/s = micro-batch /
    median step time, per side; launcher / plain = the median of the per-step ratios (plain time /
    launcher time: above 1, the launcher is faster).
@@ -52,6 +52,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -67,8 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from configs; nothing is fetched
 
 import torch  # noqa: E402
-from ranks import paired_times  # noqa: E402 - bench/ranks.py (the script's folder is on sys.path)
-from tables import gpu_memory, gpu_throughput  # noqa: E402 - bench/tables.py
+from tables import gpu_memory, gpu_throughput  # noqa: E402 - bench/tables.py (the script's folder is on sys.path)
 from torch import nn  # noqa: E402
 
 from launcher import memory  # noqa: E402
@@ -223,6 +223,27 @@ def plain_step(
     return step
 
 
+def time_paired(
+    sides: dict[str, Callable[[list[Batch], int], Any]], batch: Batch, warmup: int, steps: int, device: torch.device
+) -> tuple[dict[str, float], float]:
+    """bench/ranks.py: time_paired in one process: the same micro-batch through both ``sides`` (a, b) at every
+    step, in alternating order so neither always goes first; after ``warmup`` steps, (median seconds per
+    side, median of the per-step ratios b's time / a's). A device synchronize before and after each side's
+    step takes the place of the barrier."""
+    (a, run_a), (b, run_b) = sides.items()
+    times: dict[str, list[float]] = {a: [], b: []}
+    for step in range(warmup + steps):
+        for name, run in ((a, run_a), (b, run_b)) if step % 2 == 0 else ((b, run_b), (a, run_a)):
+            sync(device)
+            started = time.perf_counter()
+            run([batch], step)
+            sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - started)
+    ratio = statistics.median(y / x for x, y in zip(times[a], times[b], strict=True))
+    return {k: statistics.median(v) for k, v in times.items()}, ratio
+
+
 # ---------------------------------------------------------------- one workload
 
 
@@ -263,8 +284,7 @@ def measure(name: str, overrides: list[str], micro: int, args: argparse.Namespac
     torch.manual_seed(0)
     plain_model = recipe.build_model(cfg).to(device)
     plain = plain_step(plain_model, optimizer(cfg, plain_model), recipe.count, device, cfg.train.grad_clip)
-    step_s, ratio = paired_times({"launcher": ours, "plain": plain}, lambda _step: [batch], args.warmup, args.steps,
-                                 before=lambda: sync(device), after=lambda: sync(device))
+    step_s, ratio = time_paired({"launcher": ours, "plain": plain}, batch, args.warmup, args.steps, device)
     for side in ("plain", "launcher"):
         result[side] = {"step_ms": 1000 * step_s[side], "samples_per_s": micro / step_s[side]}
     result.update(launcher_vs_plain=ratio, steps=args.steps, warmup=args.warmup)

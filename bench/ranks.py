@@ -39,45 +39,28 @@ def bert_smoke(args: argparse.Namespace, *overrides: str) -> tuple[Any, Iterator
     return cfg, iter(DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate))
 
 
-def paired_times(
-    sides: dict[str, Callable[[list[Any], int], Any]],
-    micro_of: Callable[[int], list[Any]],
-    warmup: int,
-    steps: int,
-    before: Callable[[], Any],
-    after: Callable[[], Any] = lambda: None,
-) -> tuple[dict[str, float], float]:
-    """Each step's micro-batches (``micro_of(step)``) through both ``sides`` (a, b), in alternating order so
-    no side always goes first, ``before`` and ``after`` each (a barrier, a device synchronize); (median
-    seconds per side, median of the per-step ratios b / a), after ``warmup`` steps."""
-    import statistics
-    import time
-
-    (a, run_a), (b, run_b) = sides.items()
-    times: dict[str, list[float]] = {a: [], b: []}
-    for step in range(warmup + steps):
-        micro = micro_of(step)
-        for name, run in ((a, run_a), (b, run_b)) if step % 2 == 0 else ((b, run_b), (a, run_a)):
-            before()
-            started = time.perf_counter()
-            run(micro, step)
-            after()
-            if step >= warmup:
-                times[name].append(time.perf_counter() - started)
-    ratio = statistics.median(y / x for x, y in zip(times[a], times[b], strict=True))
-    return {k: statistics.median(v) for k, v in times.items()}, ratio
-
-
 def time_paired(
     args: argparse.Namespace,
     batches: Iterator[dict[str, torch.Tensor]],
     sides: dict[str, Callable[[list[Any], int], Any]],
 ) -> tuple[dict[str, float], float]:
-    """``paired_times`` on this rank's batches, ``args.accum`` micro-batches a step, a barrier before each
-    side's step: (median ms per side, median ratio b / a)."""
-    seconds, ratio = paired_times(sides, lambda _step: [next(batches) for _ in range(args.accum)], args.warmup,
-                                  args.steps, dist.barrier)  # fmt: skip
-    return {k: 1000 * v for k, v in seconds.items()}, ratio
+    """Each step's micro-batches through both ``sides`` (a, b), in alternating order so no side always goes
+    first; (median ms per side, median of the per-step ratios b / a), after ``args.warmup`` steps."""
+    import statistics
+    import time
+
+    (a, run_a), (b, run_b) = sides.items()
+    times: dict[str, list[float]] = {a: [], b: []}
+    for step in range(args.warmup + args.steps):
+        micro = [next(batches) for _ in range(args.accum)]
+        for name, run in ((a, run_a), (b, run_b)) if step % 2 == 0 else ((b, run_b), (a, run_a)):
+            dist.barrier()
+            started = time.perf_counter()
+            run(micro, step)
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - started)
+    ratio = statistics.median(y / x for x, y in zip(times[a], times[b], strict=True))
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}, ratio
 
 
 def finish() -> None:

@@ -123,20 +123,13 @@ FAST_NODE_DEATH = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_p
                    "RAY_health_check_timeout_ms": "5000", "RAY_health_check_failure_threshold": "3"}
 
 
-def _appears(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Whether ``text`` reaches ``log`` before ``proc`` ends or ``timeout`` passes."""
+def wait_for(log: Path, text: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
+    """Until ``text`` is in ``log``; a test failure naming ``what`` if ``proc`` ends or ``timeout`` passes first."""
     deadline = time.time() + timeout
     while text not in (log.read_text() if log.exists() else ""):
         if proc.poll() is not None or time.time() > deadline:
-            return text in (log.read_text() if log.exists() else "")
+            pytest.fail(f"{what} did not come up:\n{log.read_text()[-3000:] if log.exists() else ''}")
         time.sleep(0.2)
-    return True
-
-
-def wait_for(log: Path, text: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
-    """Until ``text`` is in ``log``; a test failure naming ``what`` if ``proc`` ends or ``timeout`` passes first."""
-    if not _appears(log, text, proc, timeout):
-        pytest.fail(f"{what} did not come up:\n{log.read_text()[-3000:] if log.exists() else ''}")
 
 
 class RayNode:
@@ -157,7 +150,12 @@ class RayNode:
                  "--disable-usage-stats"],
                 env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-            if _appears(self.log, "Ray runtime started", self.proc, timeout=90):
+            deadline = time.time() + 90
+            while "Ray runtime started" not in self.log.read_text() and self.proc.poll() is None:
+                if time.time() > deadline:
+                    break
+                time.sleep(0.2)
+            if "Ray runtime started" in self.log.read_text():
                 return
             self.kill()
         pytest.fail(f"the second Ray node did not come up in 3 tries:\n{self.log.read_text()[-3000:]}")
