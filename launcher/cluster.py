@@ -53,10 +53,17 @@ def start_local(cpus: int) -> None:
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
     import ray
 
+    # Ray starts a minimal dashboard even without the UI, and records its address (8265 by default)
+    # as the cluster's API server. Ray Train's PlacementGroupCleaner asks that address whether the
+    # run's controller is alive: when another Ray's dashboard holds 8265, it answers "no such
+    # actor", and the cleaner removed this run's placement group, killing its workers mid-run.
+    # A free port keeps the address this Ray's own.
+
     ray.init(
         address="local",
         num_cpus=max(os.cpu_count() or 2, cpus),
         include_dashboard=False,
+        dashboard_port=_free_port(),
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
         logging_level=logging.WARNING,

@@ -92,11 +92,15 @@ def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterat
     Its temp dir is short and its own (Ray's socket paths must stay within AF_UNIX's 107 bytes,
     which pytest's per-worker folders pass), its job agent gets a free port (Ray's default 52365
     is taken by any other Ray on the machine), its output goes to ``head.log`` there, and it is
-    stopped by its own process ids. Whether it is up is the caller's check. ``others``: other nodes
+    stopped by its own process ids. Its dashboard (Ray starts a minimal one even without the UI)
+    gets a free port unless ``options`` name one: at Ray's default 8265 it would answer for another
+    Ray's API address. Whether it is up is the caller's check. ``others``: other nodes
     may join (Ray then registers the machine's address and its servers listen on every interface).
     """
     temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     port = free_port()
+    if not any(o.startswith("--dashboard-port=") for o in options):
+        options = (*options, f"--dashboard-port={free_port()}")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",

@@ -10,11 +10,13 @@ import contextlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -66,15 +68,64 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, shared_outputs: Path) -> tup
 
 @contextlib.contextmanager
 def other_ray() -> Iterator[None]:
-    """A second single-node Ray on the machine, up (its GCS running) while the block runs."""
-    with ray_head("--include-dashboard=false", "--num-cpus=1", env={**os.environ, "RAY_AUTH_MODE": "disabled"}) as (
-        head, _, _
-    ):
-        deadline = time.monotonic() + 60
-        while not any("gcs_server" in " ".join(c.cmdline()) for c in psutil.Process(head.pid).children(True)):
-            assert head.poll() is None and time.monotonic() < deadline, "the other Ray did not start"
+    """A second single-node Ray on the machine, up while the block runs, with its dashboard on Ray's
+    default port 8265 (as a user's own ``ray start --head`` has it). The embedded Ray's placement-group
+    cleaner once asked that dashboard about this run's controller, was told it did not exist, and
+    removed the run's placement group: the workers died mid-run."""
+    with ray_head(
+        "--include-dashboard=true", "--dashboard-port=8265", "--num-cpus=1",
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    ) as (head, _, _):  # fmt: skip
+        deadline = time.monotonic() + 90
+        while not _answers("http://127.0.0.1:8265/api/v0/actors"):
+            assert head.poll() is None and time.monotonic() < deadline, "the other Ray's dashboard did not start"
             time.sleep(0.5)
         yield
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+PROBE = """
+import json, sys
+from launcher.cluster import start_local
+start_local(1)
+import ray
+from ray.util.state import get_actor
+from ray.util.state.exception import RayStateApiException
+
+@ray.remote(num_cpus=0)
+class Alive:
+    def ping(self):
+        return True
+
+@ray.remote(num_cpus=0)
+def ask(actor_id):  # what Ray Train's PlacementGroupCleaner asks, from inside the cluster
+    try:
+        return "found" if get_actor(actor_id, timeout=10) is not None else "no such actor"
+    except RayStateApiException:
+        return "no answer"
+
+actor = Alive.remote()
+ray.get(actor.ping.remote())
+print(json.dumps(ray.get(ask.remote(actor._actor_id.hex()))))
+"""
+
+
+def test_the_embedded_rays_state_api_is_its_own(tmp_path: Path) -> None:
+    """With another Ray's dashboard on 8265, a live actor of the embedded Ray is never reported
+    missing: Ray Train's placement-group cleaner would take that for a dead controller and remove
+    the run's placement group (a CI run lost its workers so). "no answer" is the embedded Ray's own
+    minimal dashboard, which serves no state API; the cleaner keeps waiting then."""
+    with other_ray():
+        out = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) in ("found", "no answer")
 
 
 def test_noise_scale_is_logged_and_advises_the_next_plan(smoke: tuple[Path, str]) -> None:
