@@ -34,30 +34,16 @@ def coco_set(root: Path, val_images: int = 11) -> Path:
     return root
 
 
-def test_smoke_run_logs_cocoeval_box_and_mask_ap(tmp_path: Path, shared_outputs: Path) -> None:
-    out = launcher(
-        "recipe=coco",
-        "scale=smoke",
-        "train.max_steps=4",
-        "train.log_every=2",
-        f"run.output_dir={shared_outputs}",
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("launcher").experiment_id])
-    metrics = run.data.metrics
-    assert run.info.status == "FINISHED"
-    assert metrics["eval_images"] == CFG.recipe.synthetic.val_images  # every val image, once
-    for kind in ("bbox", "segm"):
-        for stat in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-            assert -1 <= metrics[f"eval_{kind}_{stat}"] <= 1, (kind, stat)
-    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(metrics)
-    assert run.data.params["plan.norm"] == "frozen_bn"
+def test_the_smoke_set_is_drawn_with_the_configured_sizes(tmp_path: Path) -> None:
+    """Without ``data.path`` (``make run recipe=coco``), the synthetic set has the configured image counts."""
+    data = coco.build_data(CFG, tmp_path)
+    sizes = (len(data.train), len(data.eval))  # type: ignore[arg-type]
+    assert sizes == (CFG.recipe.synthetic.train_images, CFG.recipe.synthetic.val_images)
 
 
-def test_a_set_it_has_not_seen_trains_and_evaluates(tmp_path: Path, shared_outputs: Path) -> None:
-    """Category ids 1, 3, 7 (not 1..N), an RLE crowd region, an image without annotations, in both splits."""
+def test_a_set_it_has_not_seen_trains_and_logs_cocoeval_box_and_mask_ap(tmp_path: Path, shared_outputs: Path) -> None:
+    """Category ids 1, 3, 7 (not 1..N), an RLE crowd region, an image without annotations, in both splits:
+    the run trains, evaluates every val image once, and logs COCOeval's box and mask AP and each loss term."""
     from pycocotools import mask as mask_util
 
     root = coco_set(tmp_path / "data", val_images=5)
@@ -98,9 +84,14 @@ def test_a_set_it_has_not_seen_trains_and_evaluates(tmp_path: Path, shared_outpu
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("launcher").experiment_id])
+    metrics = run.data.metrics
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["eval_images"] == 6  # the 5 drawn ones and the empty one
-    assert "eval_segm_AP" in run.data.metrics and "eval_bbox_AP" in run.data.metrics
+    assert metrics["eval_images"] == 6  # the 5 drawn ones and the empty one, once
+    for kind in ("bbox", "segm"):
+        for stat in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            assert -1 <= metrics[f"eval_{kind}_{stat}"] <= 1, (kind, stat)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(metrics)
+    assert run.data.params["plan.norm"] == "frozen_bn"
 
 
 def test_ground_truth_as_detections_scores_ap_1_however_it_is_sharded(tmp_path: Path) -> None:
