@@ -105,6 +105,17 @@ def test_the_memory_estimate_traces_a_model_with_auxiliary_heads() -> None:
     assert est.per_sample_gb > 0 and est.flops_per_sample and est.flops_per_sample > 0
 
 
+def test_the_memory_estimate_reads_no_weights_file(tmp_path: Path) -> None:
+    """The estimate's model has the same shapes whatever file a run starts from: no file is read (this
+    one does not exist) and the cached profile is shared."""
+    from launcher import memory
+
+    plain = classifier_config("resnet18", 32)
+    named = classifier_config("resnet18", 32, f"recipe.weights={tmp_path / 'absent.pth'}")
+    assert memory.estimate(named, imagenet) == memory.estimate(plain, imagenet)
+    assert memory._cache_path(memory.without_weights(named), "memory") == memory._cache_path(plain, "memory")
+
+
 # --- weights from a local file -----------------------------------------------------------
 
 
