@@ -188,6 +188,9 @@ class ImagenetRecipe:
     channels_last: bool = setting(True, "channels-last memory format on CUDA")
     compile: bool = setting(False, "torch.compile the model on CUDA")
     bad_images: Literal["error", "skip"] = setting("error", "an unreadable image stops the run, or is skipped")
+    weights: str | None = setting(
+        None, "a local file: the torchvision model's state dict, loaded before training; null: from scratch"
+    )
     synthetic: Synthetic = section(Synthetic, "the drawn set used when data.path is null")
 
 
@@ -216,6 +219,12 @@ class CocoRecipe:
     train_split: str = setting("train2017", "annotations/instances_<split>.json and the image folder <split>/")
     val_split: str = setting("val2017", "the split evaluated with COCOeval")
     keep_empty: bool = setting(False, "keep training images without annotations (detectron2 drops them)")
+    weights: str | None = setting(
+        None, "a local file: the detection model's state dict, loaded before training; null: from scratch"
+    )
+    backbone_weights: str | None = setting(
+        None, "a local file: a torchvision ResNet-50 ImageNet state dict for backbone.body (fc.* dropped)"
+    )
     synthetic: SyntheticCoco = section(SyntheticCoco, "the drawn set used when data.path is null")
 
 
@@ -517,6 +526,11 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append("engine=deepspeed: action=lr_find runs with engine=ddp (the lr it finds is the same)")
     if cfg.cluster.min_workers is not None:
         errors += _elastic_errors(cfg)
+    if isinstance(cfg.recipe, CocoRecipe) and cfg.recipe.weights and cfg.recipe.backbone_weights:
+        errors.append(
+            "recipe.backbone_weights: set with recipe.weights, whose state dict already holds the backbone; "
+            "give one of them"
+        )
     return errors
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from launcher.config import Cluster, Config, to_dict, validate
 from launcher.devices import GPUS, gpu_type_of
 from launcher.planner import Hardware, MemoryProfile
+from launcher.weights import without_weights
 
 GB = 1024**3
 DEFAULT_CPU_WORKERS = 2
@@ -128,6 +129,7 @@ def probe(cfg: Config, est: MemoryProfile) -> MemoryProfile:
 
     Cached like the estimate, keyed also by the device name.
     """
+    cfg = without_weights(cfg)  # the same shapes and memory whichever file a run starts from
     name = torch.cuda.get_device_name(0)
     cache = _cache_path(cfg, "probe", name)
     if cache.exists():
@@ -229,6 +231,7 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
     The cache (``$LAUNCHER_CACHE`` or ``~/.cache/launcher``) is keyed by the recipe section
     of the config, ``train.precision`` and the torch version, so a rerun or a different cluster shape is instant.
     """
+    cfg = without_weights(cfg)  # the same shapes and memory whichever file a run starts from; no file read
     cache = _cache_path(cfg, "memory")
     if cache.exists():
         return MemoryProfile(**json.loads(cache.read_text()))

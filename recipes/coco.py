@@ -12,6 +12,15 @@ Batches are dicts of tensors (images padded to the largest in the batch, boxes /
 masks padded per image), so the generic loop can move, split and accumulate them; the
 model wrapper unpads them into torchvision's lists. Losses come back as torchvision's
 per-batch means times the number of images, i.e. sums over images.
+
+Weights come from local files only, loaded inside ``build_model`` (so before the worker applies
+the plan's norm policy: ``frozen_bn`` freezes the loaded BatchNorm statistics) and once on the
+driver in ``build_data`` (a missing or mismatched file fails before anything is scheduled):
+``recipe.backbone_weights``, a torchvision ResNet-50 ImageNet state dict (e.g. the
+``resnet50-*.pth`` torchvision keeps in ``$TORCH_HOME/hub/checkpoints``), goes onto
+``backbone.body`` with its ``fc.*`` classifier dropped; ``recipe.weights``, the whole detection
+model's state dict. Both are checked key by key (launcher/weights.py). The first
+``5 - recipe.trainable_backbone_layers`` backbone stages stay frozen either way.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from launcher import weights
 from launcher.config import CocoRecipe, Config, ConfigError
 from launcher.data import Data, built_once
 
@@ -79,8 +89,8 @@ def unpack(batch: dict[str, torch.Tensor], masks: bool) -> tuple[list[torch.Tens
     return images, targets
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """No hub weights; the first ``5 - trainable_backbone_layers`` backbone stages frozen."""
+def build_net(cfg: Config) -> nn.Module:
+    """The torchvision R-CNN (no hub weights), with ``recipe.backbone_weights`` or ``recipe.weights`` loaded."""
     from torchvision.models import detection
 
     r = spec(cfg)
@@ -93,6 +103,20 @@ def build_model(cfg: Config) -> nn.Module:
             min_size=r.min_size,
             max_size=r.max_size,
         )
+    if r.backbone_weights is not None:  # an ImageNet classifier's state dict: its fc.* head has no place here
+        state = weights.read(r.backbone_weights, "recipe.backbone_weights")
+        body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        weights.load(net.backbone.body, body, "recipe.backbone_weights", r.backbone_weights)
+    if r.weights is not None:
+        weights.load(net, weights.read(r.weights, "recipe.weights"), "recipe.weights", r.weights)
+    return net
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """``build_net`` wrapped to take a padded batch; the first ``5 - trainable_backbone_layers`` backbone
+    stages frozen."""
+    r = spec(cfg)
+    net: Any = build_net(cfg)  # a torchvision GeneralizedRCNN: .backbone.body is its ResNet
     stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][: r.trainable_backbone_layers]
     for name, p in net.backbone.body.named_parameters():
         if not any(name.startswith(s) for s in stages):
@@ -132,6 +156,8 @@ def example_batch(cfg: Config, n: int) -> dict[str, torch.Tensor]:
 
 def build_data(cfg: Config, cache_dir: Path) -> Data:
     r = spec(cfg)
+    if r.weights is not None or r.backbone_weights is not None:  # on the driver: fails before anything is scheduled
+        build_net(cfg)
     root = Path(cfg.data.path).expanduser() if cfg.data.path else _synthetic(cfg, cache_dir)
     masks = has_masks(cfg)
     train = CocoImages(root, r.train_split, masks, cfg.run.seed, train=True, keep_empty=r.keep_empty)

@@ -12,6 +12,21 @@ TrivialAugmentWide / RandomErasing when asked), resize + center crop for evaluat
 MixUp / CutMix act on training batches. The model returns the summed cross-entropy (and
 in eval mode the counts of top-1 / top-5 hits), so the loop's global-batch normalisation
 is exact.
+
+Any torchvision classifier trains. googlenet and inception_v3 return their auxiliary
+classifiers' logits beside the main ones in training mode: loss and top-k use the main
+logits; the auxiliary heads train too, their cross-entropy weighted as published and
+returned as ``ce_aux`` (googlenet: 0.3 for each of its two heads, Szegedy et al. 2015,
+"Going deeper with convolutions", sec. 5; inception_v3: 0.4, TF-slim's
+train_image_classifier.py and PyTorch's fine-tuning tutorial). inception_v3's auxiliary head
+needs a 17x17 grid, so it trains at ``recipe.train_crop >= 299`` (it evaluates from 75 px).
+Models built for one input size (vision transformers: ``image_size``, maxvit: ``input_size``)
+are built for ``recipe.train_crop``, and ``recipe.eval_crop`` must equal it.
+
+``recipe.weights``: a local state dict of the torchvision model (launcher/weights.py checks it
+key by key), loaded inside ``build_model``, so before the plan's norm policy converts BatchNorm;
+it is also loaded once on the driver in ``build_data``, so a missing or mismatched file fails
+before anything is scheduled.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from launcher import weights
 from launcher.config import Config, ConfigError, ImagenetRecipe
 from launcher.data import Data, built_once
 from recipes.protocol import Evaluate
@@ -57,13 +73,37 @@ class Classifier(nn.Module):
         images, labels = batch["images"], batch["labels"]
         if self.channels_last and images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = self.net(images).float()
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="sum")
+        logits, aux = main_and_aux(self.net(images))
+        ce = self.cross_entropy(logits, labels)
         if self.training:
+            if aux:  # the auxiliary heads' weighted loss (the module docstring gives the weights' sources)
+                return {"ce": ce, "ce_aux": sum(w * self.cross_entropy(a, labels) for w, a in aux)}  # type: ignore[dict-item]
             return {"ce": ce}
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         return {"ce": ce, "top1": hits[:, 0].sum().float(), "top5": hits.any(dim=1).sum().float()}
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed over the batch, in fp32; ``labels`` are class indices or (MixUp / CutMix) probabilities."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing, reduction="sum")
+
+
+AUX_WEIGHTS = {"googlenet": 0.3, "inception_v3": 0.4}  # per auxiliary head (sources: the module docstring)
+MIN_TRAIN_CROP = {"inception_v3": 299}  # its auxiliary head: a 5x5 conv after a 5x5/3 pool of a 17x17 grid
+
+
+def main_and_aux(out: Any) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor]]]:
+    """A torchvision classifier's output as (main logits, [(weight, auxiliary logits)]): googlenet's
+    ``GoogLeNetOutputs`` and inception_v3's ``InceptionOutputs`` in training mode, else a tensor."""
+    from torchvision.models import GoogLeNetOutputs, InceptionOutputs
+
+    if isinstance(out, GoogLeNetOutputs):
+        heads, weight = [out.aux_logits1, out.aux_logits2], AUX_WEIGHTS["googlenet"]
+    elif isinstance(out, InceptionOutputs):
+        heads, weight = [out.aux_logits], AUX_WEIGHTS["inception_v3"]
+    else:
+        return out, []
+    return out.logits, [(weight, a) for a in heads if a is not None]
 
 
 def model_names() -> list[str]:
@@ -84,16 +124,59 @@ def check_model(name: str) -> None:
         )
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """No hub weights; zero-init of each residual block's last BN gamma (Goyal et al. 2017)."""
+def check_sizes(r: ImagenetRecipe) -> None:
+    """The crops the model can take (``MIN_TRAIN_CROP``; one size for a model built for one); a ConfigError."""
+    errors = []
+    if r.train_crop < MIN_TRAIN_CROP.get(r.model, 0):
+        errors.append(
+            f"recipe.train_crop: {r.model} trains its auxiliary classifier, which needs at least "
+            f"{MIN_TRAIN_CROP[r.model]} px; got {r.train_crop}"
+        )
+    if _size_kwargs(r) and r.eval_crop != r.train_crop:
+        errors.append(
+            f"recipe.eval_crop: {r.model} is built for one input size, recipe.train_crop={r.train_crop}; "
+            f"got {r.eval_crop} (set recipe.eval_crop={r.train_crop})"
+        )
+    if errors:
+        raise ConfigError(errors)
+
+
+def _size_kwargs(r: ImagenetRecipe) -> dict[str, Any]:
+    """The constructor's input size for a model built for one (vision transformers, maxvit), else none."""
+    import torchvision
+
+    family = torchvision.models.get_model_builder(r.model).__module__.rsplit(".", 1)[-1]
+    if family == "vision_transformer":
+        return {"image_size": r.train_crop}
+    if family == "maxvit":
+        return {"input_size": (r.train_crop, r.train_crop)}
+    return {}
+
+
+def build_net(cfg: Config) -> nn.Module:
+    """The torchvision classifier, with ``recipe.weights`` loaded when set. No hub weights; zero-init of
+    each residual block's last BN gamma (Goyal et al. 2017); googlenet / inception_v3 with their
+    auxiliary heads and torchvision's init (named, so torchvision does not warn about its default)."""
     import torchvision
 
     r = spec(cfg)
     check_model(r.model)
-    kwargs: dict[str, Any] = {"weights": None, "num_classes": _num_classes(cfg)}
+    check_sizes(r)
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": _num_classes(cfg), **_size_kwargs(r)}
     if r.model in torchvision.models.resnet.__all__:
         kwargs["zero_init_residual"] = True
+    if r.model in AUX_WEIGHTS:
+        kwargs.update(aux_logits=True, init_weights=True)
     net = torchvision.models.get_model(r.model, **kwargs)
+    if r.weights is not None:
+        weights.load(net, weights.read(r.weights, "recipe.weights"), "recipe.weights", r.weights)
+    return net
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """``build_net`` wrapped to take a batch and return summed losses; channels-last and compile on CUDA."""
+    r = spec(cfg)
+    net = build_net(cfg)
     on_gpu = torch.cuda.is_available()
     if r.channels_last and on_gpu:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -104,7 +187,7 @@ def build_model(cfg: Config) -> nn.Module:
 
 def count(batch: dict[str, torch.Tensor]) -> dict[str, int]:
     n = len(batch["images"])
-    return {"ce": n, "top1": n, "top5": n}
+    return {"ce": n, "ce_aux": n, "top1": n, "top5": n}
 
 
 def example_batch(cfg: Config, n: int) -> dict[str, torch.Tensor]:
@@ -133,12 +216,15 @@ def build_data(cfg: Config, cache_dir: Path) -> Data:
     """The two ImageFolder splits (checked), their transforms and collates."""
     r = spec(cfg)
     check_model(r.model)
+    check_sizes(r)
     root = Path(cfg.data.path).expanduser() if cfg.data.path else _synthetic(cfg, cache_dir)
     classes = check_tree(root)
     if r.num_classes is not None and r.num_classes != len(classes):
         raise ConfigError(
             [f"recipe.num_classes: {r.num_classes}, but {root / 'train'} has {len(classes)} class folders"]
         )
+    if r.weights is not None:  # on the driver: a missing or mismatched file fails before anything is scheduled
+        build_net(cfg)
     train_tf, eval_tf = _transforms(r)
     train = Images(root / "train", train_tf, r.bad_images, cfg.run.seed)
     val = Images(root / "val", eval_tf, r.bad_images, cfg.run.seed, fixed=True)

@@ -143,6 +143,15 @@ def test_bad_trees_fail_before_anything_runs(tmp_path: Path, how: str) -> None:
     assert not (tmp_path / "mlflow.db").exists()  # nothing was recorded, nothing scheduled
 
 
+def test_a_missing_weights_file_fails_before_anything_runs(tmp_path: Path) -> None:
+    missing = tmp_path / "resnet18.pth"
+    out = launcher("recipe=imagenet", "scale=smoke", f"recipe.weights={missing}", cwd=tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"recipe.weights: {missing} is not a file" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was recorded, nothing scheduled
+    assert not (tmp_path / "outputs" / "ray").exists()
+
+
 def test_unknown_model_name_suggests_the_closest() -> None:
     with pytest.raises(Exception, match=r"recipe.model: 'resnet51'.*did you mean resnet50"):
         imagenet.build_model(load(["recipe=imagenet", "recipe.model=resnet51", "recipe.num_classes=4"]))
