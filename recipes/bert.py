@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -227,20 +227,23 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 # --- corpus, tokenizer, pairs (built once) -----------------------------------------------
 #
-# Linear in the corpus: the documents are streamed twice from disk (once into the tokenizer's
-# word counts, once to encode them into one flat array of ids), never held as text; each pair
-# then costs O(seq_len): its "not next" B is a random other document picked by index.
+# Linear in the corpus, which is never held as text: the documents stream into the tokenizer's
+# word counts and, split into sentences, into a spool file; the spool is then encoded into one
+# flat array of ids. Each pair costs O(seq_len): its "not next" B is a random other document
+# picked by index.
 
 
 def _prepare(cfg: Config, where: Path) -> None:
     r = spec(cfg)
     max_bytes = int(r.corpus_max_mb * 2**20)
     print(f"bert data: building the tokenizer and sentence pairs in {where}", flush=True)
-    reading = Progress("reading (the tokenizer counts words)")
-    tokenizer = train_wordpiece(documents(cfg.data.path, max_bytes, reading), r.model.vocab_size)
+    reading, spool = Progress("reading (the tokenizer counts words)"), where / "sentences.txt"
+    with spool.open("w", encoding="utf-8") as out:
+        tokenizer = train_wordpiece(spooled(documents(cfg.data.path, max_bytes, reading), out), r.model.vocab_size)
     Progress("tokenizer (its vocabulary from the counts)", start=reading.ended).done(size=tokenizer.get_vocab_size())
     tokenizer.save(str(where / "tokenizer.json"))
-    corpus = encode(documents(cfg.data.path, max_bytes), tokenizer, Progress("encoding (the text read again)"))
+    corpus = encode(unspooled(spool), tokenizer, Progress("encoding"))
+    spool.unlink()
     pairs = make_pairs(corpus, r.seq_len, cfg.run.seed, Progress("pairs"))
     n = len(pairs["label"])
     pairs["n_eval"] = max(1, int(n * r.eval_fraction))
@@ -316,7 +319,7 @@ def _paragraphs(files: list[Path]) -> Iterator[str]:
     """The documents of the files, line by line: paragraphs separated by blank lines."""
     for f in files:
         lines: list[str] = []
-        with f.open(errors="replace") as text:
+        with f.open(encoding="utf-8", errors="replace") as text:
             for line in text:
                 if line.strip():
                     lines.append(line)
@@ -350,11 +353,32 @@ def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?:])\s+", flat) if len(s) > 8]
 
 
+def spooled(docs: Iterable[list[str]], out: TextIO) -> Iterator[list[str]]:
+    """``docs``, each also written to ``out``: a sentence a line, a blank line after each document."""
+    for d in docs:
+        out.write("\n".join(d) + "\n\n")
+        yield d
+
+
+def unspooled(path: Path) -> Iterator[list[str]]:
+    """The documents ``spooled`` wrote to ``path``, one at a time."""
+    with path.open(encoding="utf-8", newline="\n") as lines:
+        doc: list[str] = []
+        for line in lines:
+            if line == "\n":
+                yield doc
+                doc = []
+            else:
+                doc.append(line[:-1])
+
+
 def train_wordpiece(docs: Iterable[list[str]], vocab_size: int) -> Any:
     """A WordPiece vocabulary trained on ``docs`` as they stream in (each document one batch).
 
-    The trainer numbers the tokens in the order of its hash maps, which differs from run to run;
-    so the ids are renumbered: the specials first, then the tokens sorted.
+    The trainer numbers the tokens in the order of its hash maps, which differs from run to run
+    (huggingface/tokenizers#1794), so the ids are renumbered: the specials first, then the tokens
+    sorted. Where merge counts tie at the end of the vocabulary, the trainer can still keep other
+    tokens from one run to the next; renumbering cannot fix that.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
