@@ -5,8 +5,8 @@ The corpus is ``tests/conftest.py: write_corpus``: documents of made-up words dr
 same text for a seed. Each preparation runs in its own process (``--one``), so its peak memory is
 its own. Writes ``bench/results/bert_data.json`` and prints the table. Run from the repository root:
 
-    python bench/bert_data.py                       # 32 MiB at scale=full; 3 MiB against the original
-    python bench/bert_data.py --mb 64 --compare-mb 6
+    python bench/bert_data.py                       # 32 MiB at scale=full; 3 and 12 MiB against the original
+    python bench/bert_data.py --mb 64 --compare-mb 6 24
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def corpus_of(mb: float) -> tuple[Path, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=32, help="the corpus the new preparation is timed on")
-    ap.add_argument("--compare-mb", type=float, default=3, help="the corpus both preparations run on")
+    ap.add_argument("--compare-mb", type=float, nargs="+", default=[3, 12], help="the corpora both preparations run on")
     ap.add_argument("--one", choices=["new", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="full", help=argparse.SUPPRESS)
@@ -115,16 +115,19 @@ def main() -> None:
         print(json.dumps(one(args.one, args.corpus, args.setting, args.where)))
         return
     WORK.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
     big, made_s = corpus_of(args.mb)
-    small, _ = corpus_of(args.compare_mb)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         full = {"corpus_mb": args.mb, "corpus_s": made_s, **run_one("new", big, "full", Path(tmp) / "full")}
         rows = []
-        for setting in SETTINGS:
-            new, old = (run_one(w, small, setting, Path(tmp) / f"{setting}-{w}") for w in ("new", "baseline"))
-            same = same_pairs(Path(tmp) / f"{setting}-new", Path(tmp) / f"{setting}-baseline")
-            rows.append({"setting": setting, "overrides": SETTINGS[setting], "corpus_mb": args.compare_mb, "new": new,
-                         "baseline": old, "speedup": old["wall_s"] / new["wall_s"], "same_pairs": same})  # fmt: skip
+        for mb in args.compare_mb:
+            small, _ = corpus_of(mb)
+            for setting in SETTINGS:
+                new, old = (run_one(w, small, setting, Path(tmp) / f"{mb}-{setting}-{w}") for w in ("new", "baseline"))
+                same = same_pairs(Path(tmp) / f"{mb}-{setting}-new", Path(tmp) / f"{mb}-{setting}-baseline")
+                rows.append({"setting": setting, "overrides": SETTINGS[setting], "corpus_mb": mb, "new": new,
+                             "baseline": old, "speedup": old["wall_s"] / new["wall_s"],
+                             "same_pairs": same})  # fmt: skip
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())  # fmt: skip
     record = {
@@ -132,6 +135,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python bench/bert_data.py", *sys.argv[1:]]),
         "device": f"CPU: {cpu}, {os.cpu_count()} cores",
+        "load_average": {"at_start": load, "at_end": os.getloadavg()[0]},  # the machine is shared
         "versions": {"python": platform.python_version(), "tokenizers": __import__("tokenizers").__version__},
         "corpus": "tests/conftest.py write_corpus(seed=0): 2-12 sentences of 5-24 made-up words (Zipf over 20,000)",
         "workload": "recipe=bert scale=full data.path=<corpus>: BERT-base sizes, 512-token pairs, 30,522 WordPieces",

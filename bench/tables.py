@@ -206,11 +206,12 @@ def bert_data_phases(d: Json) -> list[str]:
 
 def bert_data_compare(d: Json) -> list[str]:
     """The original preparation against the streamed one, same corpus and settings."""
-    lines = _head("settings", "corpus", "original (s)", "streamed (s)", "speed-up", "same pairs",
+    lines = _head("settings", "corpus", "pairs", "original (s)", "streamed (s)", "speed-up", "same pairs",
                   "peak memory, original / streamed (MB)")  # fmt: skip
     for r in d["compare"]:
         settings = f"{r['setting']}" + (f" (`{' '.join(r['overrides'])}`)" if r["overrides"] else "")
-        lines.append(_row(settings, f"{r['corpus_mb']:g} MiB", f"{r['baseline']['wall_s']:.1f}",
+        pairs = r["new"]["phases"]["pairs"]["counts"].rsplit("pairs ", 1)[-1]
+        lines.append(_row(settings, f"{r['corpus_mb']:g} MiB", pairs, f"{r['baseline']['wall_s']:.1f}",
                           f"{r['new']['wall_s']:.1f}", f"**{r['speedup']:.1f}x**", "yes" if r["same_pairs"] else "no",
                           f"{r['baseline']['peak_rss_mb']:,.0f} / {r['new']['peak_rss_mb']:,.0f}"))  # fmt: skip
     return lines
