@@ -1,6 +1,7 @@
 """``make bench``: the launcher vs torchrun + a plain DDP loop, same model, data and split, CPU;
 then the planner vs Lightning's and Accelerate's batch-size finders (``bench/batch_finders.py``);
-then an elastic run's and a fixed-size run's recovery from a lost node (``bench/resize.py``).
+then an elastic run's and a fixed-size run's recovery from a lost node (``bench/resize.py``);
+then BERT data preparation on a generated corpus (``bench/bert_data.py``).
 
 Writes ``bench/results/cpu_smoke.json`` and ``bench/results/batch_finders.json`` (numbers,
 commands, device, versions, date) and prints the tables. Run from the repository root.
@@ -134,6 +135,8 @@ def main() -> None:
     print(f"batch finders: {finders['rows']} model/budget rows in {finders['out']} ({finders['wall_s']:.0f} s)")
     print("\nfrom a node's loss to the first step after it (bench/resize.py -> bench/results/resize.json):")
     subprocess.run([sys.executable, str(ROOT / "bench" / "resize.py")], cwd=ROOT, check=True)
+    print("\nBERT data preparation (bench/bert_data.py -> bench/results/bert_data.json):")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bert_data.py")], cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":

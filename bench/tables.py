@@ -186,6 +186,37 @@ def resize_recovery(d: Json) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------- bert_data.json (bench/bert_data.py)
+
+BERT_PHASES = {"reading": "reading, the tokenizer counting words", "tokenizer": "the tokenizer's vocabulary",
+               "encoding": "encoding (the sentences spooled to disk)", "pairs": "sentence pairs"}  # fmt: skip
+
+
+def bert_data_phases(d: Json) -> list[str]:
+    """The streamed preparation at ``scale=full`` on the large corpus, phase by phase."""
+    full = d["full"]
+    lines = _head("phase", "time (s)", "counts (rate)")
+    for key, name in BERT_PHASES.items():
+        phase = full["phases"][key]
+        lines.append(_row(name, f"{phase['s']:.1f}", phase["counts"]))
+    lines.append(_row(f"**total, {full['corpus_mb']:g} MiB corpus**", f"**{full['wall_s']:.1f}**",
+                      f"peak memory {full['peak_rss_mb']:,.0f} MB"))
+    return lines
+
+
+def bert_data_compare(d: Json) -> list[str]:
+    """The original preparation against the streamed one, same corpus and settings."""
+    lines = _head("settings", "corpus", "pairs", "original (s)", "streamed (s)", "speed-up", "same pairs",
+                  "peak memory, original / streamed (MB)")  # fmt: skip
+    for r in d["compare"]:
+        settings = f"{r['setting']}" + (f" (`{' '.join(r['overrides'])}`)" if r["overrides"] else "")
+        pairs = r["new"]["phases"]["pairs"]["counts"].rsplit("pairs ", 1)[-1]
+        lines.append(_row(settings, f"{r['corpus_mb']:g} MiB", pairs, f"{r['baseline']['wall_s']:.1f}",
+                          f"{r['new']['wall_s']:.1f}", f"**{r['speedup']:.1f}x**", "yes" if r["same_pairs"] else "no",
+                          f"{r['baseline']['peak_rss_mb']:,.0f} / {r['new']['peak_rss_mb']:,.0f}"))  # fmt: skip
+    return lines
+
+
 # ---------------------------------------------------------------- gpu.json (bench/gpu.py)
 
 
@@ -229,6 +260,8 @@ TABLES: dict[str, Callable[[Json], list[str]]] = {
     "batch_finders:quality": batch_finders_quality,
     "batch_finders:estimate": batch_finders_estimate,
     "resize:recovery": resize_recovery,
+    "bert_data:phases": bert_data_phases,
+    "bert_data:compare": bert_data_compare,
     "gpu:throughput": gpu_throughput,
     "gpu:memory": gpu_memory,
 }

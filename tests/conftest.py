@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +225,26 @@ def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("mlflow server did not start in 90 s")
+
+
+def write_corpus(path: Path, mb: float, seed: int = 0) -> Path:
+    """A plain-text corpus of at least ``mb`` MiB at ``path``, the same for a seed: documents of 2 to 12
+    sentences separated by blank lines, each sentence 5 to 24 words drawn Zipf-like from 20,000 made-up
+    words (a real corpus's shape: a long tail of rare words for the tokenizer to split)."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words: dict[str, None] = {}  # first-seen order
+    while len(words) < 20_000:
+        words["".join(rng.choices(syllables, k=rng.choice((1, 2, 2, 3, 3, 4))))] = None
+    vocabulary = list(words)
+    weights = list(accumulate(1 / rank for rank in range(1, len(vocabulary) + 1)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size, limit = 0, int(mb * 2**20)
+    with path.open("w") as out:
+        while size < limit:
+            sentences = []
+            for _ in range(rng.randint(2, 12)):
+                s = " ".join(rng.choices(vocabulary, cum_weights=weights, k=rng.randint(5, 24)))
+                sentences.append(s[0].upper() + s[1:] + rng.choice("....?!"))
+            size += out.write(" ".join(sentences) + "\n\n")
+    return path
