@@ -148,6 +148,7 @@ class CpuBudget:
     cpus_per_worker: int  # reserved from Ray for each training worker (ScalingConfig's resources_per_worker)
     loader_workers: int  # DataLoader worker processes of each training worker
     torch_threads: int  # torch.set_num_threads in each training process
+    node_cpus: int | None  # the node's CPUs it was planned from (None: not known here, hardware described)
     reason: str
 
 
@@ -176,7 +177,7 @@ def cpu_budget(
     if cpus_per_worker is not None:
         share, why = cpus_per_worker, f"{cpus_per_worker} (cluster.cpus_per_worker)"
     elif node_cpus is None:
-        share, why = 1, f"1 {auto[:-1]}; the hardware is described: its CPUs are read where it trains)"
+        share, why = 1, "1 (cluster.cpus_per_worker=auto; the hardware is described: its CPUs are read where it trains)"
     else:
         share = max(1, node_cpus // workers_on_node)
         why = f"{share} = {node_cpus} CPUs of a node // {workers_on_node} worker(s) on it {auto}"
@@ -199,7 +200,8 @@ def cpu_budget(
         )
     if loaders + 1 > share:
         reason += f"; warning: {loaders} loader process(es) and the training process on {share} CPU(s)"
-    return CpuBudget(cpus_per_worker=share, loader_workers=loaders, torch_threads=threads, reason=reason)
+    return CpuBudget(cpus_per_worker=share, loader_workers=loaders, torch_threads=threads, node_cpus=node_cpus,
+                     reason=reason)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -953,7 +955,8 @@ def describe(p: Plan) -> str:
         (
             "CPUs / worker",
             f"{p.cpus.cpus_per_worker}: {p.cpus.loader_workers} DataLoader process(es), "
-            f"{p.cpus.torch_threads} torch thread(s)",
+            f"{p.cpus.torch_threads} torch thread(s)"
+            + ("" if p.cpus.node_cpus is not None else " (the nodes' CPUs are not known here: see why)"),
         ),
         *_time_rows(p),
     ]

@@ -103,6 +103,10 @@ def test_a_tree_it_has_not_seen(tmp_path: Path, shared_outputs: Path) -> None:
     assert "CPUs / worker         2: 1 DataLoader process(es), 1 torch thread(s)" in out.stdout  # planned
     assert "cpus: 2 per worker: 1 DataLoader process(es), 1 torch thread(s)" in out.stdout  # as rank 0 runs
     client, run_id = run_record(tmp_path)
+    params = client.get_run(run_id).data.params  # the CPU budget, one param each (its reason is in plan.reasons)
+    assert (params["plan.cpus.cpus_per_worker"], params["plan.cpus.loader_workers"]) == ("2", "1")
+    assert "plan.cpus.reason" not in params and "CPUs per worker 2 (cluster.cpus_per_worker)" in (
+        client.get_run(run_id).data.tags["plan.reasons"])
     assert set(history(client, run_id, "eval_top1")) == {3}
     assert history(client, run_id, "eval_samples") == {3: 13}  # the whole val split (7 + 6 on 2 workers), once
     assert "eval at step 3 on 13 samples: " in out.stdout

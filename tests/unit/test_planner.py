@@ -755,7 +755,9 @@ def test_cpu_budget_pins_win_and_the_threads_take_what_the_loaders_leave() -> No
 def test_cpu_budget_without_the_nodes_cpus_reserves_one_and_says_where_it_is_planned() -> None:
     b = cpu_budget(None, 8, "cuda")  # hardware described from a laptop: its CPUs are not these
     assert (b.cpus_per_worker, b.loader_workers, b.torch_threads) == (1, 0, 1)
-    assert "the hardware is described: its CPUs are read where it trains" in b.reason
+    assert "the hardware is described: its CPUs are read where it trains" in b.reason and b.node_cpus is None
+    described = describe(make(hw=gpus(8, 8)))
+    assert "CPUs / worker         1: 0 DataLoader process(es), 1 torch thread(s) (the nodes' CPUs are not" in described
     assert cpu_budget(None, 8, "cuda", cpus_per_worker=12).loader_workers == 11
 
 
