@@ -211,7 +211,8 @@ def hardware(cluster: Cluster) -> Hardware:
     GPUs: the alive nodes that have any, planned at the smallest count among them (a
     heterogeneous cluster is planned for its smallest GPU node), and one GPU task asks torch
     for the memory. No GPUs (or ``cluster.use_gpu=false``): ``cluster.num_workers`` CPU
-    workers (2 by default), each with an equal share of the smallest node's memory.
+    workers (2 by default), each with an equal share of the smallest node's memory. The CPUs
+    per node, for the CPU budget (``planner.cpu_budget``), as Ray reports them (``_cpus_per_node``).
     """
     import ray
 
@@ -228,13 +229,35 @@ def hardware(cluster: Cluster) -> Hardware:
             return torch.cuda.get_device_properties(0).total_memory / GB
 
         memory = cluster.gpu_memory_gb or ray.get(gpu_memory_gb.remote(), timeout=300)
-        if cluster.num_workers:
-            return Hardware(nodes=1, devices_per_node=cluster.num_workers, device_memory_gb=memory)
-        return Hardware(nodes=len(gpu_nodes), devices_per_node=min(gpu_nodes), device_memory_gb=memory)
+        per_node = cluster.num_workers or min(gpu_nodes)
+        return Hardware(nodes=1 if cluster.num_workers else len(gpu_nodes), devices_per_node=per_node,
+                        device_memory_gb=memory, cpus_per_node=_cpus_per_node(nodes, per_node, gpu=True))  # fmt: skip
     workers = cluster.num_workers or 2
     smallest = min(n["Resources"].get("memory", 0) for n in nodes) / GB
     share = cluster.gpu_memory_gb or smallest / workers
-    return Hardware(nodes=1, devices_per_node=workers, device_memory_gb=share, device="cpu")
+    return Hardware(nodes=1, devices_per_node=workers, device_memory_gb=share, device="cpu",
+                    cpus_per_node=_cpus_per_node(nodes, workers, gpu=False))  # fmt: skip
+
+
+def cpus_per_node(per_node: int, gpu: bool) -> int | None:
+    """The connected cluster's CPUs for a node of ``per_node`` workers (``_cpus_per_node``)."""
+    import ray
+
+    return _cpus_per_node([n for n in ray.nodes() if n.get("Alive")], per_node, gpu)
+
+
+def _cpus_per_node(nodes: list[dict[str, Any]], per_node: int, gpu: bool) -> int | None:
+    """CPUs for a node of ``per_node`` workers, as Ray reports its nodes' resources. GPU workers: at the
+    fewest CPUs per GPU among the GPU nodes (each worker's share then fits on every one of them); CPU
+    workers: the smallest node's CPUs, as if it held them all (as their memory share is planned). None:
+    no such node has a CPU."""
+    if gpu:
+        found = [int(r.get("CPU", 0) * per_node // r["GPU"]) for r in (n["Resources"] for n in nodes)
+                 if r.get("GPU", 0) >= 1]  # fmt: skip
+    else:
+        found = [int(n["Resources"].get("CPU", 0)) for n in nodes]
+    found = [c for c in found if c >= 1]
+    return min(found) if found else None
 
 
 # --- Ray Jobs: submit, status, logs, stop ---------------------------------------------------------

@@ -244,7 +244,11 @@ class Run:
 @dataclass(kw_only=True)
 class Data:
     path: str | None = setting(None, "dataset root; null: the recipe makes or finds local data")
-    num_workers: int = setting(2, "DataLoader worker processes per training worker", NON_NEGATIVE)
+    num_workers: int | Literal["auto"] = setting(
+        "auto",
+        "DataLoader processes per training worker; auto: on GPUs its CPUs less one (planner.cpu_budget), on CPUs 0",
+        (lambda v: v == "auto" or v >= 0, "an integer >= 0, or auto"),
+    )
 
 
 @dataclass(kw_only=True)
@@ -351,7 +355,11 @@ class Cluster:
         60.0, "elastic training: how often Ray Train looks for room for more workers", POSITIVE
     )
     use_gpu: bool | Literal["auto"] = setting("auto", "auto: GPUs when there are any")
-    cpus_per_worker: int = setting(1, "CPUs Ray reserves per training worker", AT_LEAST_1)
+    cpus_per_worker: int | Literal["auto"] = setting(
+        "auto",
+        "CPUs Ray reserves per training worker; auto: the node's CPUs divided among its workers",
+        (lambda v: v == "auto" or v >= 1, "an integer >= 1, or auto"),
+    )
 
 
 @dataclass(kw_only=True)

@@ -215,7 +215,7 @@ def _open_run_while_ray_starts(
         opening = pool.submit(lambda: (_open_run(cfg, uri, p, name, resume), time.time()))
         try:
             if local:
-                cluster.start_local(p.world_size * cfg.cluster.cpus_per_worker)
+                cluster.start_local(p.world_size * p.cpus.cpus_per_worker)
                 timings["ray_done_at"] = time.time()
             run_id, timings["tracking_done_at"] = opening.result()
         except BaseException as e:
@@ -585,7 +585,7 @@ def _fit(cfg: Config, p: Plan, storage: str, run_dir: str, timings: dict[str, fl
             num_workers=(cfg.cluster.min_workers, p.world_size) if cfg.cluster.min_workers else p.world_size,  # type: ignore[arg-type]
             elastic_resize_monitor_interval_s=cfg.cluster.resize_interval_s,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+            resources_per_worker={"CPU": p.cpus.cpus_per_worker},  # the plan's CPU budget (planner.cpu_budget)
         ),
         run_config=RunConfig(  # type: ignore[call-arg]  # mypy sees Ray Train v1's RunConfig
             name=run_dir,

@@ -40,6 +40,7 @@ from launcher.weights import without_weights
 
 GB = 1024**3
 DEFAULT_CPU_WORKERS = 2
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
 
 
 def detect_hardware(cluster: Cluster) -> Hardware:
@@ -47,25 +48,14 @@ def detect_hardware(cluster: Cluster) -> Hardware:
 
     ``cluster.gpus_per_node`` set: hardware described, not detected (planning a cluster from
     a laptop). ``cluster=ray``: read from the connected cluster. Otherwise the local GPUs, or
-    CPU workers when there are none.
+    CPU workers when there are none; with the CPUs this process may use (``local_cpus``).
     """
     if cluster.kind == "ray" and not cluster.gpus_per_node:
         from launcher.cluster import hardware
 
         return dataclasses.replace(hardware(cluster), gpu_type=cluster.gpu_type)
     if cluster.gpus_per_node:
-        memory = cluster.gpu_memory_gb
-        if memory is None and cluster.gpu_type is not None:
-            memory = GPUS[cluster.gpu_type].memory_gb
-        if memory is None and torch.cuda.is_available():
-            memory = torch.cuda.get_device_properties(0).total_memory / GB
-        if memory is None:
-            raise ValueError(
-                "cluster.gpu_memory_gb: required when cluster.gpus_per_node describes GPUs that are not "
-                "on this machine (e.g. cluster.gpu_memory_gb=80, or cluster.gpu_type=h100)"
-            )
-        return Hardware(nodes=cluster.nodes, devices_per_node=cluster.gpus_per_node, device_memory_gb=memory,
-                        gpu_type=cluster.gpu_type)  # fmt: skip
+        return _described(cluster)
     want_gpu = cluster.use_gpu is True or (cluster.use_gpu == "auto" and torch.cuda.is_available())
     if want_gpu:
         if not torch.cuda.is_available():
@@ -74,11 +64,54 @@ def detect_hardware(cluster: Cluster) -> Hardware:
         memory = cluster.gpu_memory_gb or torch.cuda.get_device_properties(0).total_memory / GB
         name = torch.cuda.get_device_name(0)
         return Hardware(nodes=cluster.nodes, devices_per_node=count, device_memory_gb=memory, gpu_name=name,
-                        gpu_type=cluster.gpu_type or gpu_type_of(name, memory))  # fmt: skip
+                        gpu_type=cluster.gpu_type or gpu_type_of(name, memory), cpus_per_node=local_cpus())  # fmt: skip
     workers = cluster.num_workers or DEFAULT_CPU_WORKERS
     host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     share = cluster.gpu_memory_gb or host_gb / workers
-    return Hardware(nodes=cluster.nodes, devices_per_node=workers, device_memory_gb=share, device="cpu")
+    return Hardware(nodes=cluster.nodes, devices_per_node=workers, device_memory_gb=share, device="cpu",
+                    cpus_per_node=local_cpus())  # fmt: skip
+
+
+def _described(cluster: Cluster) -> Hardware:
+    """``cluster.gpus_per_node`` GPUs per node of ``cluster.gpu_memory_gb`` (or ``gpu_type``'s, or the local
+    GPU's); their CPUs are known where they are here: this machine when it has that many GPUs, the
+    connected Ray cluster's (a RayJob from ``action=manifest`` runs so); else not (planning from a laptop)."""
+    gpus = cluster.gpus_per_node or 0
+    memory = cluster.gpu_memory_gb
+    if memory is None and cluster.gpu_type is not None:
+        memory = GPUS[cluster.gpu_type].memory_gb
+    if memory is None and torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(0).total_memory / GB
+    if memory is None:
+        raise ValueError(
+            "cluster.gpu_memory_gb: required when cluster.gpus_per_node describes GPUs that are not "
+            "on this machine (e.g. cluster.gpu_memory_gb=80, or cluster.gpu_type=h100)"
+        )
+    cpus = None
+    if cluster.kind == "local" and torch.cuda.device_count() >= gpus:
+        cpus = local_cpus()
+    elif cluster.kind == "ray" and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        from launcher.cluster import cpus_per_node
+
+        cpus = cpus_per_node(gpus, gpu=True)
+    return Hardware(nodes=cluster.nodes, devices_per_node=gpus, device_memory_gb=memory, gpu_type=cluster.gpu_type,
+                    cpus_per_node=cpus)  # fmt: skip
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, cpusets; ``os.cpu_count()`` where
+    there is none, as on macOS), within a cgroup v2 CPU quota (a container's ``--cpus``), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def memory_profile(cfg: Config, recipe: Any, hw: Hardware | None = None) -> MemoryProfile:

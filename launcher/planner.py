@@ -17,6 +17,7 @@ The arithmetic, in one place:
     warmup     = round(warmup_ref * global_ref / global)      [same warmup samples]
     step_time  = ceil(global / world) * flops_per_sample / (peak * mfu)   [or the GPU probe's measured step]
     time_h     = max_steps * step_time / 3600;  gpu_hours = time_h * world;  cost = gpu_hours * gpu_hour_usd
+    cpus       = node_cpus // workers_on_node;  loaders = cpus - 1 (GPU) or 0 (CPU);  threads = cpus - loaders
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Request:
     noise_source: str = ""  # where it was measured (run, step)
     mfu: float = _default("planner.mfu")  # assumed share of the peak FLOP/s a step reaches
     gpu_hour_usd: float | None = _default("cluster.gpu_hour_usd")  # set: the plan shows the cost
+    cpus_per_worker: int | None = None  # cluster.cpus_per_worker (None = auto)
+    loader_workers: int | None = None  # data.num_workers (None = auto)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,16 +90,21 @@ class Hardware:
     device: str = "cuda"  # cuda | cpu
     gpu_type: str | None = None  # a key of launcher/devices.py GPUS (cluster.gpu_type, or the GPU's own name)
     gpu_name: str = ""  # the local GPU's own name (torch.cuda.get_device_name), when one is here
+    # CPUs of a node for its workers (a cluster's: a node of this shape at the fewest CPUs per device
+    # among its nodes); None: not known (hardware described, not detected)
+    cpus_per_node: int | None = None
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.devices_per_node
 
     def with_world(self, world: int) -> Hardware:
-        """The same devices, ``world`` of them: whole nodes where it fills them, else one row of ``world``."""
+        """The same devices, ``world`` of them: whole nodes where it fills them, else one row of ``world``
+        with those devices' CPUs (so each device keeps its share: the CPU budget does not change)."""
         if world % self.devices_per_node == 0:
             return replace(self, nodes=world // self.devices_per_node)
-        return replace(self, nodes=1, devices_per_node=world)
+        cpus = None if self.cpus_per_node is None else max(1, self.cpus_per_node * world // self.devices_per_node)
+        return replace(self, nodes=1, devices_per_node=world, cpus_per_node=cpus)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +142,69 @@ class MemoryProfile:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CpuBudget:
+    """The CPUs of one training worker and how it spends them (``cpu_budget``)."""
+
+    cpus_per_worker: int  # reserved from Ray for each training worker (ScalingConfig's resources_per_worker)
+    loader_workers: int  # DataLoader worker processes of each training worker
+    torch_threads: int  # torch.set_num_threads in each training process
+    node_cpus: int | None  # the node's CPUs it was planned from (None: not known here, hardware described)
+    reason: str
+
+
+def cpu_budget(
+    node_cpus: int | None,
+    workers_on_node: int,
+    device: str,
+    *,
+    cpus_per_worker: int | None = None,
+    loader_workers: int | None = None,
+) -> CpuBudget:
+    """Each training worker's CPUs: how many Ray reserves for it, how many DataLoader processes it
+    starts, how many threads torch uses in it. ``None`` for a setting is ``auto``.
+
+        share   = cluster.cpus_per_worker, or node_cpus // workers_on_node (at least 1; 1 when the
+                  node's CPUs are not known, i.e. described hardware: planned again where it trains)
+        loaders = data.num_workers, or on GPUs share - 1: one CPU for the training process, the rest
+                  decode and augment so the GPU does not wait; on CPUs 0: the training process is the
+                  compute, and loading in it costs the step less than a CPU taken from its threads
+        threads = share - loaders, at least 1 (a DataLoader process runs 1 thread: torch's default there)
+
+    16 CPUs, 1 GPU: 16, 15 loaders, 1 thread. 64 CPUs, 8 GPUs: 8, 7, 1. 2 CPUs, 2 CPU workers: 1, 0, 1.
+    16 CPUs, 2 CPU workers: 8, 0, 8.
+    """
+    auto = "(cluster.cpus_per_worker=auto)"
+    if cpus_per_worker is not None:
+        share, why = cpus_per_worker, f"{cpus_per_worker} (cluster.cpus_per_worker)"
+    elif node_cpus is None:
+        share, why = 1, "1 (cluster.cpus_per_worker=auto; the hardware is described: its CPUs are read where it trains)"
+    else:
+        share = max(1, node_cpus // workers_on_node)
+        why = f"{share} = {node_cpus} CPUs of a node // {workers_on_node} worker(s) on it {auto}"
+    if loader_workers is not None:
+        loaders, how = loader_workers, f"{loader_workers} (data.num_workers)"
+    elif device == "cuda":
+        loaders = share - 1
+        how = f"{loaders} = {share} - 1 for the training process: the rest decode for the GPU (data.num_workers=auto)"
+    else:
+        loaders, how = 0, "0: the CPU workers compute, and load between steps (data.num_workers=auto)"
+    threads = max(1, share - loaders)
+    reason = (
+        f"CPUs per worker {why}, reserved from Ray; DataLoader processes {how}; torch threads {threads} = "
+        f"{share} - {loaders} loader(s), at least 1"
+    )
+    if node_cpus is not None and share * workers_on_node > node_cpus:
+        reason += (
+            f"; warning: {workers_on_node} workers x {share} CPU(s) > the node's {node_cpus} CPUs: oversubscribed "
+            "(a Ray cluster may not place them all on one node)"
+        )
+    if loaders + 1 > share:
+        reason += f"; warning: {loaders} loader process(es) and the training process on {share} CPU(s)"
+    return CpuBudget(cpus_per_worker=share, loader_workers=loaders, torch_threads=threads, node_cpus=node_cpus,
+                     reason=reason)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """The planner's answer, frozen: a later note makes a new plan (``with_reasons``, ``with_notes``)."""
 
@@ -156,6 +227,7 @@ class Plan:
     zero_stage: int
     engine: str
     memory: dict[str, Any]
+    cpus: CpuBudget  # each worker's CPUs: reserved from Ray, DataLoader processes, torch threads
     reasons: tuple[str, ...] = ()  # one per decision, in the order the rules ran
     deepspeed: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()  # added by the driver after planning (a resume); printed after the reasons
@@ -186,6 +258,7 @@ class Plan:
             **{
                 **d,
                 "milestones": list(d["milestones"]),
+                "cpus": CpuBudget(**d["cpus"]),
                 "reasons": tuple(d.get("reasons", ())),
                 "notes": tuple(d.get("notes", ())),
             }
@@ -245,6 +318,9 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
     _advice(req, global_batch, reasons)
     milestones = _milestones(req, max_steps, reasons)
     timing = _time(req, hw, mem, global_batch, accum, max_steps, reasons)
+    cpus = cpu_budget(hw.cpus_per_node, hw.devices_per_node, hw.device, cpus_per_worker=req.cpus_per_worker,
+                      loader_workers=req.loader_workers)  # fmt: skip
+    reasons.append(cpus.reason)
     return Plan(
         world_size=world,
         device=hw.device,
@@ -265,6 +341,7 @@ def plan(req: Request, hw: Hardware, mem: MemoryProfile) -> Plan:
         zero_stage=zero,
         engine=req.engine,
         memory=_memory_record(req, hw, mem, usable, state_gb),
+        cpus=cpus,
         reasons=tuple(reasons),
         deepspeed=_deepspeed(req, hw, global_batch, micro, accum, zero) if req.engine == "deepspeed" else None,
         **timing,
@@ -847,6 +924,8 @@ def request_from_config(
         precision=cfg.train.precision,
         mfu=cfg.planner.mfu,
         gpu_hour_usd=cfg.cluster.gpu_hour_usd,
+        cpus_per_worker=None if cfg.cluster.cpus_per_worker == "auto" else int(cfg.cluster.cpus_per_worker),
+        loader_workers=None if cfg.data.num_workers == "auto" else int(cfg.data.num_workers),
     )
 
 
@@ -872,6 +951,12 @@ def describe(p: Plan) -> str:
             "memory",
             f"{p.memory['source']}: {p.memory['model_state_per_device_gb']:.3g} GB states/device, "
             f"{p.memory['per_sample_gb']:.3g} GB/sample, {p.memory['usable_gb']:.3g} GB usable",
+        ),
+        (
+            "CPUs / worker",
+            f"{p.cpus.cpus_per_worker}: {p.cpus.loader_workers} DataLoader process(es), "
+            f"{p.cpus.torch_threads} torch thread(s)"
+            + ("" if p.cpus.node_cpus is not None else " (the nodes' CPUs are not known here: see why)"),
         ),
         *_time_rows(p),
     ]

@@ -328,10 +328,9 @@ def start_run(
     exp_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    params = {
-        **_flatten(config),
-        **{f"plan.{k}": v for k, v in plan.items() if k not in ("reasons", "notes", "memory", "deepspeed")},
-    }
+    shown = {k: v for k, v in plan.items() if k not in ("reasons", "notes", "memory", "deepspeed")}
+    shown["cpus"] = {k: v for k, v in plan["cpus"].items() if k != "reason"}  # the reason is among the reasons
+    params = {**_flatten(config), **_flatten(shown, "plan.")}
     items = [Param(k, mask(str(v))[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])

@@ -69,6 +69,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     if world != plan.world_size:  # an elastic run (re)started on another world size than the driver planned
         plan = replan(cfg, payload, world, rank)
     stamps["replanned_at"] = time.time()  # for a restart's timings; not a start-up phase (no "_done_at")
+    torch.set_num_threads(plan.cpus.torch_threads)  # the CPU budget's (Ray set $OMP_NUM_THREADS to all of them)
     recipe = RECIPES[cfg.recipe.name]
     torch.manual_seed(cfg.run.seed)
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
@@ -235,18 +236,26 @@ def _engine(w: Worker, scalars: StepScalars, injected: faults.Faults) -> Engine:
 
 def _batches(w: Worker, start_step: int, ledger: SampleLedger | None) -> Iterator[Batch]:
     """This rank's micro-batches from ``start_step`` on (through the sample ledger when it is on)."""
+    loader = data_loader(w, start_step, ledger)
+    w.say(f"cpus: {w.plan.cpus.cpus_per_worker} per worker: {loader.num_workers} DataLoader process(es), "
+          f"{torch.get_num_threads()} torch thread(s)")  # what this rank runs with, as planned  # fmt: skip
+    return ledger.record(iter(loader)) if ledger else iter(loader)
+
+
+def data_loader(w: Worker, start_step: int, ledger: SampleLedger | None) -> DataLoader:
+    """The DataLoader of this rank's training micro-batches, with the CPU budget's loader processes."""
     sampler = StepBatches(size(w.data.train), micro=w.plan.micro_batch, accum=w.plan.grad_accum, world=w.world,
                           rank=w.rank, seed=w.cfg.run.seed, start_step=start_step,
                           global_batch=w.plan.global_batch)  # uneven shares when the world does not divide it
-    loader = DataLoader(
+    loaders = w.plan.cpus.loader_workers
+    return DataLoader(
         ledger.dataset(w.data.train) if ledger else w.data.train,
         batch_sampler=sampler,
         collate_fn=ledger.collate(w.data.collate) if ledger else w.data.collate,
-        num_workers=w.cfg.data.num_workers,
+        num_workers=loaders,
         pin_memory=w.device.type == "cuda",
-        persistent_workers=w.cfg.data.num_workers > 0,
+        persistent_workers=loaders > 0,
     )
-    return ledger.record(iter(loader)) if ledger else iter(loader)
 
 
 def _evaluate(w: Worker, model: nn.Module) -> dict[str, float]:

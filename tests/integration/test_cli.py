@@ -87,10 +87,12 @@ def test_json_has_the_documented_fields(tmp_path: Path) -> None:
         "norm",
         "zero_stage",
         "memory",
+        "cpus",
         "reasons",
         "deepspeed",
     ):
         assert key in p, key
+    assert set(p["cpus"]) == {"cpus_per_worker", "loader_workers", "torch_threads", "node_cpus", "reason"}
     ds = p["deepspeed"]
     assert ds["train_batch_size"] == p["micro_batch"] * p["grad_accum"] * p["world_size"]
     assert ds["zero_optimization"]["stage"] == p["zero_stage"]

@@ -60,6 +60,7 @@ def test_plan_reads_the_clusters_hardware(cluster_head: tuple[str, str], tmp_pat
                    env=AUTH)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "world size 2 = 1 node(s) x 2 cpu device(s)" in out.stdout  # no GPU node: 2 CPU workers
+    assert "CPUs per worker 2 = 4 CPUs of a node // 2 worker(s) on it" in out.stdout  # as Ray reports the node
     assert "ray: connected to 127.0.0.1:" in out.stdout and "(authentication: token from $RAY_AUTH_TOKEN)" in out.stdout
     assert TOKEN not in out.stdout + out.stderr
 

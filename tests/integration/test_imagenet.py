@@ -73,7 +73,8 @@ def test_smoke_run_learns_and_logs_top1_top5(tmp_path: Path, shared_outputs: Pat
 
 def test_a_tree_it_has_not_seen(tmp_path: Path, shared_outputs: Path) -> None:
     """3 classes (not the default), uneven class sizes, JPEG / PNG / BMP mixed, odd val size, and one
-    truncated training image skipped as ``recipe.bad_images=skip`` asks."""
+    truncated training image skipped as ``recipe.bad_images=skip`` asks; decoded in a DataLoader
+    process, with the CPU budget's torch threads (Ray sets $OMP_NUM_THREADS to the 2 CPUs it reserved)."""
     root = make_tree(
         tmp_path / "flowers",
         train={"daisy": 20, "rose": 9, "tulip": 14},
@@ -92,12 +93,20 @@ def test_a_tree_it_has_not_seen(tmp_path: Path, shared_outputs: Path) -> None:
         "recipe.eval_resize=36",
         "recipe.eval_crop=32",
         f"run.output_dir={shared_outputs}",
+        "cluster.cpus_per_worker=2",
+        "data.num_workers=1",
         *FAST,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"skipped unreadable image {bad}" in out.stdout + out.stderr
+    assert "CPUs / worker         2: 1 DataLoader process(es), 1 torch thread(s)" in out.stdout  # planned
+    assert "cpus: 2 per worker: 1 DataLoader process(es), 1 torch thread(s)" in out.stdout  # as rank 0 runs
     client, run_id = run_record(tmp_path)
+    params = client.get_run(run_id).data.params  # the CPU budget, one param each (its reason is in plan.reasons)
+    assert (params["plan.cpus.cpus_per_worker"], params["plan.cpus.loader_workers"]) == ("2", "1")
+    assert "plan.cpus.reason" not in params and "CPUs per worker 2 (cluster.cpus_per_worker)" in (
+        client.get_run(run_id).data.tags["plan.reasons"])
     assert set(history(client, run_id, "eval_top1")) == {3}
     assert history(client, run_id, "eval_samples") == {3: 13}  # the whole val split (7 + 6 on 2 workers), once
     assert "eval at step 3 on 13 samples: " in out.stdout

@@ -203,6 +203,7 @@ PLAN_INPUTS = [  # the keys the hardware, the memory profile and the planner com
     "train.warmup_steps", "train.grad_clip", "engine.zero_stage", "recipe.reference.global_batch",
     "recipe.reference.lr", "recipe.reference.max_steps", "recipe.reference.warmup_steps", "recipe.reference.devices",
     "recipe.reference.epochs", "recipe.reference.large_batch_threshold", "planner.mfu", "cluster.gpu_hour_usd",
+    "cluster.cpus_per_worker", "data.num_workers",
 ]  # fmt: skip
 EXTREMES = ["nan", "inf", "-inf", "1e308", "5e-324", "0", "-1", "9" * 400, str(2**63), str(2**63 - 1), "[inf]"]
 numbers = st.one_of(st.integers(-(2**70), 2**70).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr))
@@ -295,6 +296,7 @@ def check_plan(p: Plan) -> None:
     assert math.isfinite(p.lr) and p.lr > 0
     assert p.max_steps >= 1 and 0 <= p.warmup_steps <= p.max_steps
     assert all(1 <= m for m in p.milestones)
+    assert p.cpus.cpus_per_worker >= 1 and p.cpus.loader_workers >= 0 and p.cpus.torch_threads >= 1
     assert p.reasons
     if p.time_to_train_h is not None:  # planned: every figure finite, positive and consistent
         assert p.step_time_s and p.gpu_hours and math.isclose(p.gpu_hours, p.time_to_train_h * p.world_size)
@@ -346,7 +348,7 @@ def test_random_command_lines_end_in_a_plan_or_a_config_error_naming_its_key(pla
 
 @pytest.mark.parametrize("base", ["cpu workers", "8 GPUs, deepspeed"])
 def test_every_planner_input_at_every_extreme(plan_path: Path, base: str) -> None:
-    """Each key the planner computes with, at each extreme value (264 pairs per base): Hydra's parser reads
+    """Each key the planner computes with, at each extreme value (308 pairs per base): Hydra's parser reads
     the value as from the command line, it replaces the key's value in the composed config, and that
     is validated and planned as ``load`` and ``action=plan`` do."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -94,6 +94,19 @@ def test_wrong_types_and_ranges_are_all_reported() -> None:
     assert "optim.lr: got -1.0" in joined
 
 
+def test_loader_processes_and_cpus_per_worker_take_a_count_or_auto() -> None:
+    full, smoke = load([]), load(["scale=smoke"])
+    assert (full.data.num_workers, full.cluster.cpus_per_worker) == ("auto", "auto")  # the CPU budget plans them
+    assert smoke.data.num_workers == 0  # 2 cores: loading in the training process (conf/scale/smoke.yaml)
+    assert load(["data.num_workers=12", "cluster.cpus_per_worker=13"]).data.num_workers == 12
+    errs = _errors(["data.num_workers=-1", "cluster.cpus_per_worker=0"])
+    assert errs == ["data.num_workers: got -1, expected an integer >= 0, or auto",
+                    "cluster.cpus_per_worker: got 0, expected an integer >= 1, or auto"]  # fmt: skip
+    for bad in ("many", "1.5", "true", "AUTO", "[2]"):
+        (err,) = _errors([f"data.num_workers={bad}"])
+        assert err.startswith("data.num_workers: got ") and "expected an integer or one of 'auto'" in err, err
+
+
 def test_literal_values_list_what_is_allowed() -> None:
     (err,) = _errors(["planner.lr_rule=cubic"])
     assert "planner.lr_rule" in err and "'linear'" in err and "'sqrt'" in err

@@ -26,6 +26,7 @@ from launcher.planner import (
     Reference,
     Request,
     check,
+    cpu_budget,
     deepspeed_config,
     describe,
     plan,
@@ -711,3 +712,73 @@ def test_plan_dict_is_plain_data_and_reads_back_from_json() -> None:
     assert Plan.from_dict(json.loads(json.dumps(d))) == p
     old = {k: v for k, v in d.items() if k != "notes"}  # a plan written before notes existed
     assert Plan.from_dict(old).notes == ()
+
+
+# --- the CPU budget (planner.cpu_budget) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("node_cpus", "workers", "device", "expected"),
+    [
+        (16, 1, "cuda", (16, 15, 1)),  # one GPU: every CPU but the training process's decodes
+        (64, 8, "cuda", (8, 7, 1)),  # 8 GPUs: 64 // 8 each, 7 of them loaders
+        (96, 8, "cuda", (12, 11, 1)),  # an 8-GPU H100 node with 96 cores: 11 decode processes per GPU
+        (10, 3, "cuda", (3, 2, 1)),  # 10 // 3: the CPU left over stays free
+        (2, 1, "cuda", (2, 1, 1)),
+        (1, 1, "cuda", (1, 0, 1)),  # no CPU to spare: the training process loads
+        (2, 2, "cpu", (1, 0, 1)),  # the 2-core laptop: the workers are the compute
+        (16, 2, "cpu", (8, 0, 8)),  # CPU workers keep every CPU for torch's threads
+        (2, 3, "cpu", (1, 0, 1)),  # more workers than CPUs: 1 each, oversubscribed (and said so)
+    ],
+)
+def test_cpu_budget_by_hand(node_cpus: int, workers: int, device: str, expected: tuple[int, int, int]) -> None:
+    b = cpu_budget(node_cpus, workers, device)
+    assert (b.cpus_per_worker, b.loader_workers, b.torch_threads) == expected
+    assert f"{node_cpus} CPUs of a node // {workers} worker(s)" in b.reason and "(data.num_workers=auto)" in b.reason
+    assert ("warning: " in b.reason) == (workers > node_cpus)
+
+
+def test_cpu_budget_pins_win_and_the_threads_take_what_the_loaders_leave() -> None:
+    pinned = cpu_budget(64, 8, "cuda", cpus_per_worker=4)  # cluster.cpus_per_worker=4: its loaders follow
+    assert (pinned.cpus_per_worker, pinned.loader_workers, pinned.torch_threads) == (4, 3, 1)
+    assert "4 (cluster.cpus_per_worker)" in pinned.reason
+    loaders = cpu_budget(16, 2, "cpu", loader_workers=2)  # data.num_workers=2 on CPU workers: 8 - 2 threads
+    assert (loaders.cpus_per_worker, loaders.loader_workers, loaders.torch_threads) == (8, 2, 6)
+    assert "2 (data.num_workers)" in loaders.reason and "warning" not in loaders.reason
+    smoke = cpu_budget(2, 2, "cpu", loader_workers=0)  # scale=smoke on 2 cores: as before the budget existed
+    assert (smoke.cpus_per_worker, smoke.loader_workers, smoke.torch_threads) == (1, 0, 1)
+    crowded = cpu_budget(2, 2, "cpu", loader_workers=2)  # 2 loaders + the training process on 1 CPU
+    assert crowded.torch_threads == 1
+    assert "warning: 2 loader process(es) and the training process on 1 CPU(s)" in crowded.reason
+
+
+def test_cpu_budget_without_the_nodes_cpus_reserves_one_and_says_where_it_is_planned() -> None:
+    b = cpu_budget(None, 8, "cuda")  # hardware described from a laptop: its CPUs are not these
+    assert (b.cpus_per_worker, b.loader_workers, b.torch_threads) == (1, 0, 1)
+    assert "the hardware is described: its CPUs are read where it trains" in b.reason and b.node_cpus is None
+    described = describe(make(hw=gpus(8, 8)))
+    assert "CPUs / worker         1: 0 DataLoader process(es), 1 torch thread(s) (the nodes' CPUs are not" in described
+    assert cpu_budget(None, 8, "cuda", cpus_per_worker=12).loader_workers == 11
+
+
+def test_the_plan_carries_the_cpu_budget_with_its_reason_row_and_json() -> None:
+    hw = replace(gpus(2, 8), cpus_per_node=96)
+    p = make(hw=hw)
+    assert (p.cpus.cpus_per_worker, p.cpus.loader_workers, p.cpus.torch_threads) == (12, 11, 1)
+    assert p.cpus.reason in p.reasons
+    assert "CPUs / worker         12: 11 DataLoader process(es), 1 torch thread(s)" in describe(p)
+    assert json.loads(json.dumps(p.to_dict()))["cpus"]["loader_workers"] == 11
+    pinned = make(hw=hw, cpus_per_worker=6, loader_workers=3)  # cluster.cpus_per_worker, data.num_workers
+    assert (pinned.cpus.cpus_per_worker, pinned.cpus.loader_workers, pinned.cpus.torch_threads) == (6, 3, 3)
+
+
+@given(st.integers(1, 512), st.integers(1, 16), st.integers(1, 64))
+def test_an_elastic_world_keeps_each_workers_cpus(cpus: int, per_node: int, world: int) -> None:
+    """Ray reserves the driver's CPUs per worker for the whole run: a re-plan on another world size
+    (``Hardware.with_world``) must give each worker the same budget."""
+    def budget(hw: Hardware) -> tuple[int, int, int]:
+        b = cpu_budget(hw.cpus_per_node, hw.devices_per_node, hw.device)
+        return b.cpus_per_worker, b.loader_workers, b.torch_threads
+
+    hw = Hardware(nodes=2, devices_per_node=per_node, device_memory_gb=80, cpus_per_node=cpus)
+    assert budget(hw.with_world(world)) == budget(hw)
