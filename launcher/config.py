@@ -377,6 +377,10 @@ class Tracking:
     uri: str | None = setting(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd")
     experiment: str = setting("launcher", "the MLflow experiment")
     required: bool = setting(True, "false: an unreachable server at launch falls back to a local store")
+    system_metrics_s: float = setting(
+        10.0, "seconds between samples of rank 0's node's CPU, memory and GPU (system/... metrics); 0: none",
+        NON_NEGATIVE,
+    )
 
 
 @dataclass(kw_only=True)

@@ -13,17 +13,23 @@ training or, if the server is still away, writes it to a spool file and says whe
 outage is waited out (no connection, a timeout, HTTP 5xx or 429): a metric key the server
 rejects is named once and its values dropped, the rest still sent; a run deleted on the server
 is reported once and no longer written to.
+
+Rank 0's tracker also samples its node's CPU, memory, disk, network and (with ``nvidia-ml-py``
+and an NVIDIA GPU) GPU figures into the run as ``system/...`` metrics, with MLflow's own monitor
+(``SystemMetrics``), every ``tracking.system_metrics_s`` seconds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,7 +94,7 @@ def credential_env() -> dict[str, str]:
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
-    def close(self) -> None: ...
+    def close(self, patience_s: float = 30.0) -> None: ...
 
 
 class NullTracker:
@@ -100,8 +106,57 @@ class NullTracker:
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, patience_s: float = 30.0) -> None:
         pass
+
+
+class SystemMetrics:
+    """This node's ``system/...`` figures in the run, sampled by MLflow's own monitor; best effort, never raises.
+
+    MLflow's ``SystemMetricsMonitor`` (a daemon thread with its own client) logs, every
+    ``interval_s``, the mean of its samples as one step of ``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes`` and ``_percentage``, disk, network and, where
+    ``nvidia-ml-py`` finds NVIDIA GPUs, ``system/gpu_<i>_utilization_percentage`` and
+    ``_memory_usage_megabytes`` for each GPU of the node. It stops by itself at its first failed
+    request or once the run is no longer RUNNING; ``start`` after an outage begins a new one, whose
+    steps continue the old one's (``resume_logging``). MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``,
+    when set, wins over ``interval_s`` (MLflow reads it).
+    """
+
+    def __init__(self, uri: str, run_id: str, interval_s: float) -> None:
+        import psutil
+
+        psutil.cpu_percent()  # psutil's first reading is always 0.0: this one starts the first sample's clock
+        # its warnings (a failed request, with the whole urllib3 error) would repeat the tracker's outage line
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+        self.uri, self.run_id, self.interval_s = uri, run_id, interval_s
+        self.monitor: Any = None
+
+    def start(self) -> None:
+        """Start sampling, unless it runs already."""
+        if self.monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=self.interval_s, resume_logging=True, tracking_uri=self.uri
+            )
+            self.monitor.start()
+        except Exception:  # noqa: BLE001 - system figures are not worth a failed run
+            self.monitor = None
+
+    def stop(self, last: bool = False) -> None:
+        """Stop sampling; ``last``: log what was sampled since the last step (a short run's only figures)."""
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+        with suppress(Exception):
+            monitor.finish()  # joins its thread: at most one request (MLFLOW_HTTP_REQUEST_TIMEOUT) away
+            if last:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
 
 
 class MlflowTracker:
@@ -114,7 +169,12 @@ class MlflowTracker:
     """
 
     def __init__(
-        self, uri: str, run_id: str, keep: Callable[[dict[str, Any]], None], say: Callable[[str], None] = print
+        self,
+        uri: str,
+        run_id: str,
+        keep: Callable[[dict[str, Any]], None],
+        say: Callable[[str], None] = print,
+        system_metrics_s: float = 0.0,
     ) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -129,11 +189,15 @@ class MlflowTracker:
         self.refused: dict[str, int] = {}  # metric keys the server rejected -> values dropped
         self.gone: str | None = None  # why the run cannot be written any more; then nothing is sent
         self.unsent = 0  # metric values not sent because the run is gone
+        # started with the first metrics (training has begun); after an outage, again; stopped by close()
+        self.system = SystemMetrics(uri, run_id, system_metrics_s) if system_metrics_s > 0 else None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.gone is not None:
             self.unsent += len(metrics)
             return
+        if self.system is not None and self.down_since is None:
+            self.system.start()
         now = int(time.time() * 1000)
         for k, v in metrics.items():
             if k in self.refused:
@@ -164,6 +228,8 @@ class MlflowTracker:
                 del self.pending_dicts[0]
         except _RunGone as e:
             self.gone = str(e)
+            if self.system is not None:
+                self.system.stop()
             self.say(
                 f"tracking: run {self.run_id} at {mask(self.uri)} is {self.gone}; training goes on, "
                 "its metrics are no longer sent"
@@ -180,6 +246,8 @@ class MlflowTracker:
         if self.down_since is not None and self.gone is None:
             away = time.monotonic() - self.down_since
             self.say(f"tracking: {mask(self.uri)} is back after {away:.0f}s; backlog sent")
+            if self.system is not None:
+                self.system.stop()  # MLflow's monitor ends at its first failed request: the next metrics start another
         self.down_since = None
         if self.gone is not None:
             self.unsent += len(self.pending)
@@ -211,6 +279,8 @@ class MlflowTracker:
 
     def close(self, patience_s: float = 30.0) -> None:
         """At the end of training: send the backlog, waiting up to ``patience_s``; else hand it to the driver."""
+        if self.system is not None:
+            self.system.stop(last=self.gone is None)
         deadline = time.monotonic() + patience_s
         while not self.flush(wait=True):
             if time.monotonic() > deadline:

@@ -77,13 +77,19 @@ def train_loop(payload: dict[str, Any]) -> None:
     poll = StopPoll(payload["run_id"]) if rank == 0 else None
     say = console if rank == 0 else (lambda _msg: None)
     tracker: Tracker = (
-        MlflowTracker(payload["tracking_uri"], payload["run_id"], poll.keep, say) if poll is not None else NullTracker()
+        MlflowTracker(payload["tracking_uri"], payload["run_id"], poll.keep, say, cfg.tracking.system_metrics_s)
+        if poll is not None
+        else NullTracker()
     )
     w = Worker(cfg, plan, recipe, data, ray.train.torch.get_device(), rank, world, tracker, say)
-    if cfg.action == "lr_find":
-        _lr_find(w)
-    else:
-        build_trainer(w, payload, poll, stamps).fit()
+    try:
+        if cfg.action == "lr_find":
+            _lr_find(w)
+        else:
+            build_trainer(w, payload, poll, stamps).fit()
+    except BaseException:
+        tracker.close(patience_s=0)  # one try to send, the rest to the driver; the system monitor stopped
+        raise
     tracker.close()
 
 

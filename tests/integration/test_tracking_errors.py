@@ -247,6 +247,45 @@ def test_an_outage_is_kept_and_resent(server: str, gate: Gate, status: int) -> N
     assert len(said) == 2 and "is back after" in said[1] and kept == []
 
 
+def test_system_metrics_stop_in_an_outage_and_start_again_after_it(server: str, gate: Gate) -> None:
+    """MLflow's monitor ends at its first failed request; the tracker starts another when the server is back,
+    its steps going on from the last; meanwhile no step waits for it, and close() stops it."""
+    run_id, said, kept = new_run(server), [], []
+    tracker = MlflowTracker(gate.url, run_id, kept.append, said.append, system_metrics_s=0.2)
+    key = "system/cpu_utilization_percentage"
+
+    def sampled(more_than: int) -> list[int]:
+        deadline = time.monotonic() + 20
+        while len(found := steps(server, run_id, key)) <= more_than and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
+    def monitors() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+
+    tracker.log_metrics({"loss": 1.0}, 0)  # the first metrics start the monitor
+    assert len(monitors()) == 1 and sampled(2)
+    gate.shut()
+    started = time.perf_counter()
+    for step in range(1, 6):
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+        time.sleep(0.2)
+    assert time.perf_counter() - started < 3  # no step waited for the monitor
+    deadline = time.monotonic() + 20
+    while monitors() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert monitors() == [] and len(said) == 1 and said[0].startswith(f"tracking: cannot reach {gate.url}")
+    before = steps(server, run_id, key)
+
+    gate.open()
+    assert tracker.flush(wait=True)
+    tracker.log_metrics({"loss": 0.1}, 6)
+    after = sampled(len(before) + 2)
+    assert len(monitors()) == 1 and after == list(range(len(after))) and len(after) > len(before) + 2
+    tracker.close()
+    assert monitors() == [] and kept == [] and steps(server, run_id, "loss") == list(range(7))
+
+
 def test_a_forbidden_run_is_left_alone(server: str, gate: Gate) -> None:
     """A proxy answering 403 (MLflow's client reads it as PERMISSION_DENIED): nothing more can be written."""
     run_id, said, kept = new_run(server), [], []

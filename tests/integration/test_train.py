@@ -182,6 +182,15 @@ def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_pa
     assert sum(phases.values()) == pytest.approx(run.data.metrics["time_to_first_step_s"], abs=1e-3)
     assert "first optimizer step " in stdout and "workers " in stdout
 
+    # rank 0's node, sampled by MLflow's system-metrics monitor (tracking.system_metrics_s) while it trained:
+    # steps 0, 1, ... each within the run, the last one logged when training ended
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    memory = history(client, run_id, "system/system_memory_usage_megabytes")
+    assert cpu and sorted(m.step for m in cpu) == list(range(len(cpu))) and set(memory) == {m.step for m in cpu}
+    assert all(0 <= m.value <= 100 for m in cpu) and any(m.value > 0 for m in cpu)
+    assert all(0 < mb < psutil.virtual_memory().total / 1e6 for mb in memory.values())
+    assert all(run.info.start_time <= m.timestamp <= run.info.end_time for m in cpu)
+
 
 def test_out_of_memory_backs_off_and_keeps_the_global_batch(
     smoke: tuple[Path, str], tmp_path: Path, shared_outputs: Path
