@@ -191,8 +191,8 @@ def process_started() -> float:
 
 def _plan(cfg: Config) -> int:
     """``action=plan``: the plan for the described hardware, printed; Ray is never started."""
+    from launcher.console import show_plan
     from launcher.launch import build_plan
-    from launcher.planner import describe
 
     if cfg.cluster.kind == "ray" and not cfg.cluster.gpus_per_node:  # plan the cluster's real hardware
         from launcher import cluster
@@ -207,7 +207,7 @@ def _plan(cfg: Config) -> int:
     if cfg.plan.format == "json":
         print(json.dumps(p.to_dict(), indent=2))
     else:
-        print(describe(p))
+        show_plan(p)
     return 0
 
 

@@ -33,8 +33,9 @@ JOB_STOP_WAIT_S = 120  # SIGTERM -> SIGKILL grace of a stopped job: time to fini
 QUIET = "launcher.raylog.quiet"  # worker_process_setup_hook; imports nothing heavy
 
 
-def start_local(cpus: int) -> None:
-    """An embedded Ray for this run on 127.0.0.1, without dashboard."""
+def start_local(cpus: int, verbose: bool = False) -> None:
+    """An embedded Ray for this run on 127.0.0.1, without dashboard. Its workers' output stays in its
+    session's logs (kept in the run's log folder by ``stop``) unless ``verbose`` (``run.verbose``)."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # no spot preemption on this machine
     # Ray Train's controller polls its workers every 2 s by default: on one machine the polls are
     # cheap, and a run's end (or a worker's failure) is seen within 0.5 s (about 4 s less per smoke run)
@@ -65,8 +66,8 @@ def start_local(cpus: int) -> None:
         include_dashboard=False,
         dashboard_port=_free_port(),
         _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-        logging_level=logging.WARNING,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
         configure_logging=True,
         runtime_env={"worker_process_setup_hook": QUIET},
     )
@@ -80,8 +81,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def connect(cluster: Cluster) -> str:
-    """Connect to an existing cluster with the launcher's code for its workers; returns the address used."""
+def connect(cluster: Cluster, verbose: bool = False) -> str:
+    """Connect to an existing cluster with the launcher's code for its workers; returns the address used.
+    Its workers' output stays in the cluster's session logs unless ``verbose`` (``run.verbose``)."""
     address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
     if address.startswith(("http://", "https://")):
         raise ConfigError(
@@ -103,8 +105,8 @@ def connect(cluster: Cluster) -> str:
     try:
         ray.init(
             address=address,
-            log_to_driver=True,
-            logging_level=logging.WARNING,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
             configure_logging=True,
             runtime_env={
                 "py_modules": [str(Path(launcher.__file__).parent), str(Path(recipes.__file__).parent)],

@@ -239,6 +239,9 @@ class Run:
     job_id: str | None = setting(None, "action=status|logs|stop: the Ray job (else the newest job of run.name)")
     seed: int = setting(0, "seed of every random generator")
     output_dir: str = setting("outputs", "checkpoints and Ray storage, relative to the cwd")
+    verbose: bool = setting(
+        False, "true: Ray's own and its workers' log lines on the console too (else in <output_dir>/logs/ only)"
+    )
 
 
 @dataclass(kw_only=True)

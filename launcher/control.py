@@ -1,15 +1,18 @@
 """What passes between the driver and rank 0 while a run trains, on whatever node rank 0 is.
 
-Three things: a graceful stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``), the
-metrics rank 0 could not send to MLflow by the end of training, and which worker group trains
-(its world size and the last step it finished: what a restart, or an elastic resize, follows).
-All go through a tiny named Ray actor that the driver creates for the run, so none needs a
-shared filesystem.
+Four things: a graceful stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``), the
+metrics rank 0 could not send to MLflow by the end of training, which worker group trains
+(its world size and the last step it finished: what a restart, or an elastic resize, follows),
+and what the driver's console shows (rank 0's lines and metrics, every rank's Python warnings:
+``launcher/console.py`` drains them). All go through a tiny named Ray actor that the driver
+creates for the run, so none needs a shared filesystem.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from typing import Any
 
 POLL_S = 1.0  # rank 0 asks whether to stop at most this often (one round trip, ~1 ms)
@@ -22,6 +25,16 @@ class RunControl:
         self._stop = False
         self._backlog: dict[str, Any] | None = None
         self._group: dict[str, Any] | None = None  # the worker group training now, or the last one
+        self._events: list[dict[str, Any]] = []  # for the driver's console, oldest first
+
+    def post(self, event: dict[str, Any]) -> None:
+        """A line, a log step's metrics or a warning for the driver's console (``launcher/console.py``)."""
+        self._events.append(event)
+
+    def take(self) -> list[dict[str, Any]]:
+        """The events posted since the last call (the driver's console drains them)."""
+        events, self._events = self._events, []
+        return events
 
     def group_started(self, group: dict[str, Any]) -> dict[str, Any] | None:
         """A worker group (re)started: its world, split and start step in; the previous group's out
@@ -88,3 +101,39 @@ class StopPoll:
     def keep(self, backlog: dict[str, Any]) -> None:
         """Hand metrics that could not be sent to the driver, which sends or spools them."""
         self._ray.get(self._actor.keep.remote(backlog), timeout=30)
+
+
+class ConsoleLink:
+    """A rank's side of the driver's console: events posted to the run's control actor without waiting
+    for a reply, in the order this process sends them (Ray runs one caller's calls in order)."""
+
+    def __init__(self, run_id: str, rank: int) -> None:
+        import ray
+
+        self._actor, self.rank = ray.get_actor(actor_name(run_id)), rank
+
+    def say(self, text: str) -> None:
+        """One line on the driver's console (rank 0's ``say``)."""
+        self._actor.post.remote({"line": text})
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """A log step's metrics from the Trainer's metrics hook, with its plain line (``event["line"]``)."""
+        self._actor.post.remote(event)
+
+    def flush(self) -> None:
+        """Wait until the actor has every event this process posted (a call's answer comes after theirs)."""
+        import ray
+
+        ray.get(self._actor.stop_asked.remote(), timeout=30)
+
+    def forward_warnings(self) -> None:
+        """This process's Python warnings to the driver's console too (they also stay in the worker's log).
+        A DataLoader worker process forked from it keeps the usual stderr, which Ray writes to its log."""
+        shown, pid = warnings.showwarning, os.getpid()
+
+        def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            if os.getpid() == pid:
+                self._actor.post.remote({"warning": f"{category.__name__}: {message}", "rank": self.rank})
+            shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show

@@ -107,10 +107,12 @@ class Metrics(HookBase):
     """The metrics window: per-term losses over the steps since the last log, throughput, lr.
 
     At each log step (and the last): one all-reduce of the window's loss sums, then the
-    tracker and the console line. Throughput counts training time only (``Trainer.clock``:
-    evaluation and checkpoints pause it). Nothing goes to Ray Train here: its ``report`` waits
-    until the controller has taken the previous one (it polls every 2 s), which capped a smoke
-    run at one log window per 2 s; rank 0 logs to MLflow itself, and checkpoints are reported.
+    tracker and the console: the metrics, the ETA and the plain ``step N/M | ...`` line to the
+    driver's progress display (``Trainer.progress``), or the line said. Throughput counts
+    training time only (``Trainer.clock``: evaluation and checkpoints pause it). Nothing goes to
+    Ray Train here: its ``report`` waits until the controller has taken the previous one (it polls
+    every 2 s), which capped a smoke run at one log window per 2 s; rank 0 logs to MLflow itself,
+    and checkpoints are reported.
     """
 
     def __init__(self, log_every: int, extras: list[Callable[[], dict[str, float]]]) -> None:
@@ -135,7 +137,13 @@ class Metrics(HookBase):
         now = trainer.clock.seconds()
         metrics = self._metrics(trainer.plan, info, now - self.since)
         trainer.tracker.log_metrics(metrics, info.done)
-        trainer.say(self._line(trainer.plan, info.done, metrics, now - self.since))
+        eta_s = (trainer.plan.max_steps - info.done) * (now - self.since) / self.steps
+        line = self._line(trainer.plan, info.done, metrics, eta_s)
+        if trainer.progress is not None:  # the driver's progress display: these numbers, not its own
+            trainer.progress({**metrics, "step": info.done, "max_steps": trainer.plan.max_steps,
+                              "world_size": trainer.plan.world_size, "eta_s": eta_s, "line": line})
+        else:
+            trainer.say(line)
         trainer.metrics = metrics
         self._reset(now)
 
@@ -152,13 +160,12 @@ class Metrics(HookBase):
             metrics.update(extra())
         return metrics
 
-    def _line(self, plan: Plan, done: int, metrics: dict[str, float], elapsed: float) -> str:
+    def _line(self, plan: Plan, done: int, metrics: dict[str, float], eta_s: float) -> str:
         terms = " ".join(f"{k} {metrics[k]:.3f}" for k in sorted(self.sums))
         noise = f" | noise scale {metrics['noise_scale']:.4g}" if "noise_scale" in metrics else ""
-        eta = (plan.max_steps - done) * elapsed / self.steps
         return (
             f"step {done}/{plan.max_steps} | loss {metrics['loss']:.4f} ({terms}) | "
-            f"lr {metrics['lr']:.3g}{noise} | {metrics['samples_per_s']:.1f} samples/s | eta {eta:.0f}s"
+            f"lr {metrics['lr']:.3g}{noise} | {metrics['samples_per_s']:.1f} samples/s | eta {eta_s:.0f}s"
         )
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Config, ConfigError, to_dict
+from launcher.console import show_plan
 from launcher.planner import (
     Hardware,
     MemoryProfile,
     Plan,
     PlanError,
     check,
-    describe,
     plan,
     request_from_config,
 )
@@ -152,7 +152,7 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
     local = cfg.cluster.kind == "local"
     storage = str(out / "ray") if local else str(cfg.cluster.storage_path)
     if not local:  # connect first: the cluster's GPUs and their memory feed the plan
-        cluster.connect(cfg.cluster)
+        cluster.connect(cfg.cluster, verbose=cfg.run.verbose)
         timings["connect_done_at"] = time.time()
     try:
         return _train(cfg, timings, out, uri, storage)
@@ -184,7 +184,7 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
         p = p.with_notes(resume.explain(p))
     if elastic is not None:
         p = p.with_notes(elastic)
-    print(describe(p), flush=True)
+    show_plan(p)
     if resume is not None and resume.step >= p.max_steps:
         print(
             f"run {resume.name} already reached step {resume.step} of {p.max_steps}: nothing to train. "
@@ -215,7 +215,7 @@ def _open_run_while_ray_starts(
         opening = pool.submit(lambda: (_open_run(cfg, uri, p, name, resume), time.time()))
         try:
             if local:
-                cluster.start_local(p.world_size * p.cpus.cpus_per_worker)
+                cluster.start_local(p.world_size * p.cpus.cpus_per_worker, verbose=cfg.run.verbose)
                 timings["ray_done_at"] = time.time()
             run_id, timings["tracking_done_at"] = opening.result()
         except BaseException as e:
@@ -255,14 +255,15 @@ def _launch(
 ) -> int:
     """Ray (embedded, already started, or connected): the run's control actor, Ray Train; the MLflow run and an
     embedded Ray closed whatever happens."""
-    from launcher import cluster, control
+    from launcher import cluster, console, control
 
     local, run_id, uri = cfg.cluster.kind == "local", payload["run_id"], payload["tracking_uri"]
     run_dir, logs = _run_dir(name, run_id), Path(run_path(out / "logs", name, run_id))
     status, backlog = "FAILED", None
     try:
         actor = control.create(run_id)
-        with _graceful_stop(actor) as stop:  # after ray.init, which sets its own SIGTERM handler
+        # after ray.init, which sets its own SIGTERM handler; the console shows what rank 0 reports
+        with _graceful_stop(actor) as stop, console.follow(actor, p.world_size):
             result = _fit(cfg, p, storage, run_dir, timings, payload)
         backlog = _ray_get(actor.kept.remote())
         if result.error is not None:
@@ -286,6 +287,8 @@ def _launch(
     finally:
         cluster.stop(logs, local=local)
         finish_run(uri, run_id, status, backlog, out / "spool" / f"{run_id}.json")
+    if status == "FAILED" and local:  # the workers' own output is not on the console (run.verbose)
+        print(f"Ray's and the workers' logs: {logs}/", flush=True)
     print(f"mlflow: run {run_id} {status.lower()}; see it with `make mlflow-ui`", flush=True)
     return {"FINISHED": 0, "KILLED": 130}.get(status, 1)
 
@@ -593,8 +596,8 @@ def _fit(cfg: Config, p: Plan, storage: str, run_dir: str, timings: dict[str, fl
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a failed worker group restarts from the latest reported checkpoint (data position included)
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-            # Ray Train's per-report and per-checkpoint INFO lines stay in its log files; the loop
-            # prints one progress line per log step instead
+            # Ray Train's per-report and per-checkpoint INFO lines stay in its log files; the driver's
+            # console shows rank 0's progress instead (launcher/console.py)
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )

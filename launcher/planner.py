@@ -930,8 +930,20 @@ def request_from_config(
 
 
 def describe(p: Plan) -> str:
-    """The plan as a readable table followed by its reasons and notes (what ``action=plan`` prints)."""
-    rows = [
+    """The plan as a readable table followed by its reasons and notes (what ``action=plan`` prints;
+    on a terminal ``launcher/console.py`` draws the same rows, reasons and notes with rich)."""
+    rows = plan_rows(p)
+    width = max(len(k) for k, _ in rows)
+    lines = ["plan", "-" * 60] + [f"{k:<{width}}  {v}" for k, v in rows] + ["", "why:"]
+    lines += [f"  {i + 1:>2}. {r}" for i, r in enumerate(p.reasons)]
+    if p.notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def plan_rows(p: Plan) -> list[tuple[str, str]]:
+    """The plan's table: (what, value) rows, the value as shown."""
+    rows: list[tuple[str, Any]] = [
         ("world size", p.world_size),
         (
             "global batch",
@@ -960,12 +972,7 @@ def describe(p: Plan) -> str:
         ),
         *_time_rows(p),
     ]
-    width = max(len(k) for k, _ in rows)
-    lines = ["plan", "-" * 60] + [f"{k:<{width}}  {v}" for k, v in rows] + ["", "why:"]
-    lines += [f"  {i + 1:>2}. {r}" for i, r in enumerate(p.reasons)]
-    if p.notes:
-        lines += ["", "notes:"] + [f"  - {n}" for n in p.notes]
-    return "\n".join(lines)
+    return [(k, str(v)) for k, v in rows]
 
 
 def _time_rows(p: Plan) -> list[tuple[str, Any]]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -93,6 +93,9 @@ class Trainer:
     hooks: list[HookBase]
     tracker: Tracker
     say: Callable[[str], None]  # rank 0's console; a no-op elsewhere
+    # rank 0: each log step's metrics to the driver's progress display (launcher/console.py), its
+    # plain line in event["line"]; None: that line is said
+    progress: Callable[[dict[str, Any]], None] | None = None
     scalars: StepScalars = field(default_factory=StepScalars)  # the per-step all-reduced scalars, by name
     metrics: dict[str, float] = field(default_factory=dict)  # the latest logged metrics (hooks fill it)
     clock: TrainClock = field(default_factory=TrainClock)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from launcher import checkpoint, faults
 from launcher.config import Config, validate
-from launcher.control import StopPoll
+from launcher.control import ConsoleLink, StopPoll
 from launcher.data import Data, SampleLedger, StepBatches, eval_samples, eval_shard, size
 from launcher.hooks import WorkerGroup, back_off_notice, build_hooks
 from launcher.noise import LocalGradNorm, NoiseScale
@@ -52,6 +51,7 @@ class Worker:
     world: int
     tracker: Tracker
     say: Callable[[str], None]  # rank 0's console; a no-op elsewhere
+    progress: Callable[[dict[str, Any]], None] | None = None  # rank 0's metrics to the driver's progress display
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -75,13 +75,16 @@ def train_loop(payload: dict[str, Any]) -> None:
     data = recipe.build_data(cfg, Path(payload["cache_dir"]))
     stamps["worker_data_done_at"] = time.time()
     poll = StopPoll(payload["run_id"]) if rank == 0 else None
-    say = console if rank == 0 else (lambda _msg: None)
+    link = ConsoleLink(payload["run_id"], rank)  # the driver's console (launcher/console.py)
+    link.forward_warnings()
+    say = link.say if rank == 0 else (lambda _msg: None)
     tracker: Tracker = (
         MlflowTracker(payload["tracking_uri"], payload["run_id"], poll.keep, say, cfg.tracking.system_metrics_s)
         if poll is not None
         else NullTracker()
     )
-    w = Worker(cfg, plan, recipe, data, ray.train.torch.get_device(), rank, world, tracker, say)
+    w = Worker(cfg, plan, recipe, data, ray.train.torch.get_device(), rank, world, tracker, say,
+               link.progress if rank == 0 else None)  # fmt: skip
     try:
         if cfg.action == "lr_find":
             _lr_find(w)
@@ -89,8 +92,10 @@ def train_loop(payload: dict[str, Any]) -> None:
             build_trainer(w, payload, poll, stamps).fit()
     except BaseException:
         tracker.close(patience_s=0)  # one try to send, the rest to the driver; the system monitor stopped
+        link.flush()  # the lines before the failure reach the driver's console too
         raise
     tracker.close()
+    link.flush()  # before Ray Train ends this process: the driver's last drain finds every line
 
 
 def replan(cfg: Config, payload: dict[str, Any], world: int, rank: int) -> Plan:
@@ -158,7 +163,7 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
         hold=injected.hold if injected.holds else None,
     )
     return Trainer(model=eng.model, step_fn=eng.step, scheduler=scheduler, batches=batches, plan=plan,
-                   start_step=start, hooks=hooks, tracker=w.tracker, say=w.say, scalars=scalars)
+                   start_step=start, hooks=hooks, tracker=w.tracker, say=w.say, progress=w.progress, scalars=scalars)
 
 
 def _plan_over_checkpoint(
@@ -361,10 +366,3 @@ def convert_norm(model: nn.Module, policy: str) -> nn.Module:
         else:
             convert_norm(child, policy)
     return model
-
-
-def console(message: str) -> None:
-    """One line on the driver's console. Not ``print``: Ray Train patches it to go both to its
-    logger and to stdout, and the driver would show every line twice."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -151,8 +152,14 @@ def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_pa
     cwd, stdout = smoke
     assert not (cwd / "home" / ".ray").exists()  # no ~/.ray/auth_token: the embedded Ray runs without a token
     assert "micro-batch / device  4" in stdout  # the plan is printed before training
-    assert "multiple active Ray instances" not in stdout  # its Ray's own processes find their cluster
+    logs = [f for f in shared_outputs.glob("logs/smoke-test-*/**/*") if f.is_file()]  # Ray's lines go there
+    assert logs and not any(b"multiple active Ray instances" in f.read_bytes() for f in logs)  # its Ray's
+    assert "multiple active Ray instances" not in stdout  # own processes find their cluster
     assert stdout.count("eval at step 15 on ") == 1  # rank 0's console lines, once each
+    # off a terminal: the metrics hook's plain line at every train.log_every, shown by the driver; no
+    # line of Ray's own or its workers' (run.verbose=false), so none with Ray's "(RayTrainWorker pid=...)"
+    assert re.findall(r"^step (\d+)/30 \| loss ", stdout, flags=re.MULTILINE) == ["5", "10", "15", "20", "25", "30"]
+    assert not re.search(r"\(\w+ pid=\d+\)", stdout), stdout[-3000:]
     client, run_id = only_run(f"sqlite:///{cwd / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke-test"

@@ -167,6 +167,30 @@ def test_metrics_hook_logs_the_global_batch_mean_at_log_steps_and_the_end() -> N
     assert "eval at step 5 on 13 samples: eval_mse 1.0000" in lines
 
 
+def test_the_progress_display_gets_the_metrics_hooks_own_numbers_and_line() -> None:
+    """Rank 0's log steps go to the driver's progress display (``Trainer.progress``) as the metrics the
+    tracker got, plus step, ETA, world and the plain line; none is said then. Without it the line is said."""
+    p = tiny_plan(max_steps=5)
+    events: list[dict[str, Any]] = []
+    lines: list[str] = []
+    t = trainer(p, [hooks.Metrics(2, [])])
+    t.say, t.progress = lines.append, events.append
+    t.fit()
+    logged = [m for _, m in t.tracker.metrics]  # type: ignore[attr-defined]
+    assert [e["step"] for e in events] == [2, 4, 5] and lines == []
+    for event, metrics in zip(events, logged, strict=True):
+        assert {k: event[k] for k in metrics} == metrics  # the same numbers, not recomputed
+        assert event["max_steps"] == 5 and event["world_size"] == 1 and event["eta_s"] >= 0
+        assert event["line"].startswith(f"step {event['step']}/5 | loss {metrics['loss']:.4f} (mse ")
+    assert events[-1]["eta_s"] == 0 and events[-1]["line"].endswith("| eta 0s")
+
+    said: list[str] = []
+    t = trainer(p, [hooks.Metrics(2, [])])
+    t.say = said.append
+    t.fit()
+    assert [line.split(" | ")[0] for line in said] == ["step 2/5", "step 4/5", "step 5/5"]
+
+
 def test_the_ema_is_evaluated_on_the_same_samples_counted_once() -> None:
     p = tiny_plan(max_steps=2)
     model = tiny()
