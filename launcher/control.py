@@ -127,13 +127,26 @@ class ConsoleLink:
         ray.get(self._actor.stop_asked.remote(), timeout=30)
 
     def forward_warnings(self) -> None:
-        """This process's Python warnings to the driver's console too (they also stay in the worker's log).
-        A DataLoader worker process forked from it keeps the usual stderr, which Ray writes to its log."""
+        """This process's Python warnings to the driver's console too (they also stay in the worker's log),
+        and those of the DataLoader processes forked from it (a skipped image is found there): a forked
+        process must not use Ray, so it hands them through a pipe to a thread here, which posts them."""
+        import multiprocessing
+        import threading
+
         shown, pid = warnings.showwarning, os.getpid()
+        forked = multiprocessing.get_context("fork").SimpleQueue()
 
         def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            text = f"{category.__name__}: {message}"
             if os.getpid() == pid:
-                self._actor.post.remote({"warning": f"{category.__name__}: {message}", "rank": self.rank})
+                self._actor.post.remote({"warning": text, "rank": self.rank})
+            else:
+                forked.put(text)
             shown(message, category, filename, lineno, file, line)
 
+        def relay() -> None:
+            while True:
+                self._actor.post.remote({"warning": forked.get(), "rank": self.rank})
+
+        threading.Thread(target=relay, name="warnings-from-loaders", daemon=True).start()
         warnings.showwarning = show
