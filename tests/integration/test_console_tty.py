@@ -31,6 +31,7 @@ def test_make_run_in_an_80_column_terminal_shows_the_plan_table_a_bar_and_no_ray
                f"run.output_dir={shared_outputs}"]  # make run's command, shorter (the tokenizer cache shared)
     # its exit status printed by the shell: tmux 3.3a was seen to leave the launcher a zombie, without a status
     shell = f"{shlex.join(command)}; echo launcher exited $?"
+    earlier = set(shared_outputs.glob("logs/*"))  # other tests' runs share these outputs
     subprocess.run([*tmux, "new-session", "-d", "-s", "run", "-x", "80", "-y", "30", "-c", str(tmp_path), shell],
                    check=True, cwd=ROOT)  # the server inherits this test's environment
     try:
@@ -56,8 +57,8 @@ def test_make_run_in_an_80_column_terminal_shows_the_plan_table_a_bar_and_no_ray
     assert not PREFIX.search(screen) and "Failed to register placement group" not in screen, screen
     drawn = [line for line in joined.splitlines() if line.startswith(("step 10/10", "┌", "│", "└"))]
     assert len(drawn) > 15 and max(map(len, drawn)) <= 80, joined  # rich drew the table and bar for 80 columns
-    workers = [f for f in shared_outputs.glob("logs/bert-smoke-*/session_*/worker-*.out")
-               if ":actor_name:RayTrainWorker" in f.read_text()]
+    (logs,) = set(shared_outputs.glob("logs/*")) - earlier  # this run's
+    workers = [f for f in logs.glob("session_*/worker-*.out") if ":actor_name:RayTrainWorker" in f.read_text()]
     assert len(workers) == 2  # the two training workers' own output, kept with the run's logs
 
 
