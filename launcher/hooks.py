@@ -21,6 +21,7 @@ from launcher.trainer import HookBase, StepInfo, Trainer
 if TYPE_CHECKING:
     from torch.optim.swa_utils import AveragedModel
 
+    from launcher.data import SampleLedger
     from launcher.noise import LocalGradNorm, NoiseScale
     from launcher.planner import Plan
     from launcher.tracking import Tracker
@@ -103,6 +104,16 @@ class EMAHook(HookBase):
         self.ema.update_parameters(trainer.raw_model)
 
 
+class LedgerEnd(HookBase):
+    """The sample ledger ends at the last step trained: a graceful stop drops the step fetched ahead."""
+
+    def __init__(self, ledger: SampleLedger) -> None:
+        self.ledger = ledger
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.ledger.roll_back(self.ledger.path, trainer.done)
+
+
 class Metrics(HookBase):
     """The metrics window: per-term losses over the steps since the last log, throughput, lr.
 
@@ -121,7 +132,7 @@ class Metrics(HookBase):
 
     def _reset(self, now: float) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
         self.steps, self.since = 0, now
 
     def before_train(self, trainer: Trainer) -> None:

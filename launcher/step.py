@@ -4,14 +4,17 @@ Batch arithmetic (see launcher/planner.py): each optimizer step consumes ``globa
 micro_batch x grad_accum x world_size`` samples. A recipe's model returns loss *sums* (e.g.
 summed cross-entropy over masked tokens); ``normalized_loss`` divides each by the number of
 units (tokens, sentences, images) in the whole global batch, counted before the first
-micro-step and all-reduced once (``global_counts``). Because DDP averages gradients over
+micro-step and all-reduced (``Units``). Because DDP averages gradients over
 ranks, each rank scales its loss by the world size. The result is the gradient of the
 global-batch mean, exactly, however the batch is split and however many tokens each
 micro-batch holds.
 
-Collectives per step, beyond DDP's (or ZeRO's) own gradient reduction: two. The unit counts
-before the micro-steps, and the step's named scalars (``StepScalars``: out-of-memory, a
-graceful stop, the noise scale's local norm) after them.
+Collectives per step, beyond DDP's (or ZeRO's) own gradient reduction: one, the step's named
+scalars (``StepScalars``: out-of-memory, a graceful stop, the noise scale's local norm) after
+the micro-steps. The unit counts are needed before the first backward, so they travel one step
+ahead in that all-reduce: the Trainer fetches the next step's micro-batches before running this
+one, and their counts ride with this step's scalars (``Units``). Only a run's first step (or a
+step taken without the next one's batches) all-reduces its own counts first.
 """
 
 from __future__ import annotations
@@ -108,14 +111,54 @@ def describe(sizes: list[int]) -> str:
     return "+".join(f"{n}x{sizes.count(n)}" for n in sorted(set(sizes), reverse=True))
 
 
-def global_counts(micro_batches: list[Batch], count: Count, device: torch.device) -> dict[str, torch.Tensor]:
-    """Units (tokens, pairs, images) per loss term in the whole global batch: one all-reduce."""
-    keys = sorted(count(micro_batches[0]))
-    local = torch.tensor([[count(b)[k] for k in keys] for b in micro_batches], dtype=torch.float64).sum(0)
-    return dict(zip(keys, all_sum(local.to(device)).clamp(min=1), strict=True))
+def local_counts(micro_batches: list[Batch], count: Count) -> dict[str, float]:
+    """Units (tokens, pairs, images) per loss term in this rank's micro-batches, by term in sorted order."""
+    summed: dict[str, float] = {}
+    for batch in micro_batches:
+        for k, v in count(batch).items():
+            summed[k] = summed.get(k, 0.0) + v
+    return dict(sorted(summed.items()))
 
 
-def normalized_loss(out: dict[str, torch.Tensor], totals: dict[str, torch.Tensor], world: int) -> torch.Tensor:
+def global_counts(micro_batches: list[Batch], count: Count, device: torch.device) -> dict[str, float]:
+    """Units per loss term in the whole global batch (at least 1 each): one all-reduce of its own."""
+    local = local_counts(micro_batches, count)
+    summed = all_sum(torch.tensor(list(local.values()), dtype=torch.float64, device=device)).tolist()
+    return {k: max(v, 1.0) for k, v in zip(local, summed, strict=True)}
+
+
+class Units:
+    """The global batch's unit counts, one step ahead (see the module's docstring).
+
+    ``ahead(upcoming)`` is this rank's counts of the next step's micro-batches, named for the
+    step's scalar all-reduce; ``keep`` takes their sums out of the reduced scalars for step
+    ``step``; ``totals`` gives them to that step, or all-reduces the step's own counts when none
+    were kept for it (the first step, a step run without the next one's batches). The counts are
+    whole numbers summed in float64: exact, so the normalization is the same either way.
+    """
+
+    PREFIX = "units/"
+
+    def __init__(self, count: Count, device: torch.device) -> None:
+        self.count, self.device = count, device
+        self._kept: tuple[int, dict[str, float]] | None = None
+
+    def totals(self, micro_batches: list[Batch], step: int) -> dict[str, float]:
+        if self._kept is not None and self._kept[0] == step:
+            return self._kept[1]
+        return global_counts(micro_batches, self.count, self.device)
+
+    def ahead(self, upcoming: list[Batch] | None) -> dict[str, float]:
+        return {self.PREFIX + k: v for k, v in local_counts(upcoming, self.count).items()} if upcoming else {}
+
+    def keep(self, scalars: dict[str, float], step: int) -> None:
+        """The next step's counts out of ``scalars`` (the reduced values, which keep only the named ones)."""
+        mine = {k: scalars.pop(k) for k in [k for k in scalars if k.startswith(self.PREFIX)]}
+        if mine:
+            self._kept = (step, {k[len(self.PREFIX):]: max(v, 1.0) for k, v in mine.items()})
+
+
+def normalized_loss(out: dict[str, torch.Tensor], totals: dict[str, float], world: int) -> torch.Tensor:
     """The micro-batch's share of the global-batch mean loss (times ``world``: DDP averages over ranks)."""
     return sum(out[k] / totals[k] for k in out) * world  # type: ignore[return-value]
 
@@ -133,7 +176,7 @@ class StepScalars:
         self.values: dict[str, float] = {}
 
     def register(self, name: str, source: Callable[[], float]) -> None:
-        if name in self._sources or name == "oom":
+        if name in self._sources or name == "oom" or name.startswith(Units.PREFIX):
             raise ValueError(f"step scalar {name!r} is registered twice")
         self._sources[name] = source
 
@@ -148,7 +191,7 @@ class StepScalars:
 @dataclass
 class StepResult:
     sums: dict[str, torch.Tensor]  # this rank's loss sums per term
-    totals: dict[str, torch.Tensor]  # the global batch's unit counts per term
+    totals: dict[str, float]  # the global batch's unit counts per term
     scalars: dict[str, float] = field(default_factory=dict)  # StepScalars.values, summed over ranks
     grad_norm: float | None = None  # the all-reduced gradient's norm, when clipping or a hook needed it
     micro_batch: int = 0  # this rank's largest micro-batch in the step (smaller after out-of-memory back-offs)
@@ -201,19 +244,29 @@ class DDPStep:
         self.no_sync = getattr(model, "no_sync", None)
         self.world = world_size()
         self.parts = 0  # micro-batches this rank's share is cut into after out-of-memory back-offs; 0: as planned
+        self.units = Units(count, device)
 
-    def __call__(self, micro_batches: list[Batch], step: int) -> StepResult:
-        """Step ``step`` (0-based) over this rank's micro-batches, retried in smaller ones after an out-of-memory."""
+    def __call__(self, micro_batches: list[Batch], step: int, upcoming: list[Batch] | None = None) -> StepResult:
+        """Step ``step`` (0-based) over this rank's micro-batches, retried in smaller ones after an out-of-memory.
+
+        ``upcoming``: step ``step + 1``'s micro-batches, whose unit counts ride with this step's scalars.
+        """
+        totals, ahead = self.units.totals(micro_batches, step), self.units.ahead(upcoming)
         while True:
             pieces = regroup(micro_batches, self.parts)
             try:
-                return self.attempt(pieces)
+                result = self.attempt(pieces, totals, ahead)
             except BackOff:
                 self._back_off(step + 1, micro_batches)
+                continue
+            self.units.keep(result.scalars, step + 1)
+            return result
 
-    def attempt(self, micro_batches: list[Batch]) -> StepResult:
+    def attempt(
+        self, micro_batches: list[Batch], totals: dict[str, float] | None = None, ahead: dict[str, float] | None = None
+    ) -> StepResult:
         """One try: forward/backward over every micro-batch, the scalars' all-reduce, then the optimizer."""
-        totals = global_counts(micro_batches, self.count, self.device)
+        totals = totals or global_counts(micro_batches, self.count, self.device)
         sums: dict[str, torch.Tensor] = {}
         oom = False
         for i, batch in enumerate(micro_batches):
@@ -225,7 +278,7 @@ class DDPStep:
                     oom = self._forward_backward(batch, totals, sums, final)
                 if oom and final and self.no_sync is not None:
                     self._stand_in(batch)
-        flags = self.scalars.reduce(self.device, oom=float(oom))
+        flags = self.scalars.reduce(self.device, oom=float(oom), **(ahead or {}))
         if flags["oom"]:
             self.optimizer.zero_grad(set_to_none=True)
             raise BackOff
@@ -242,7 +295,7 @@ class DDPStep:
         return result
 
     def _forward_backward(
-        self, batch: Batch, totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], final: bool
+        self, batch: Batch, totals: dict[str, float], sums: dict[str, torch.Tensor], final: bool
     ) -> bool:
         """One micro-step; True when it ran out of memory (before DDP's all-reduce could start)."""
         try:
@@ -312,9 +365,10 @@ class DeepSpeedStep:
     def __init__(self, engine: Any, count: Count, scalars: StepScalars, *, device: torch.device) -> None:
         self.engine, self.count, self.scalars, self.device = engine, count, scalars, device
         self.world = world_size()
+        self.units = Units(count, device)
 
-    def __call__(self, micro_batches: list[Batch], step: int) -> StepResult:
-        totals = global_counts(micro_batches, self.count, self.device)
+    def __call__(self, micro_batches: list[Batch], step: int, upcoming: list[Batch] | None = None) -> StepResult:
+        totals = self.units.totals(micro_batches, step)
         sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             out = self.engine(to_device(batch, self.device))
@@ -322,7 +376,8 @@ class DeepSpeedStep:
             self.engine.step()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
-        flags = self.scalars.reduce(self.device)
+        flags = self.scalars.reduce(self.device, **self.units.ahead(upcoming))
+        self.units.keep(flags, step + 1)
         sizes = [batch_size(b) for b in micro_batches]
         return StepResult(sums, {k: totals[k] for k in sums}, flags, micro_batch=max(sizes), grad_accum=len(sizes))
 

@@ -1,10 +1,12 @@
 """The Trainer: a short loop over optimizer steps, and hooks that do everything else.
 
-``fit()`` reads top to bottom: before-train hooks; per step: take the step's micro-batches,
-run the step object (``launcher/step.py``: DDP or DeepSpeed, chosen once), step the lr
-schedule, call every hook's ``after_step``; after-train hooks. What a run does beyond that
-(metrics and the console, EMA, noise scale, evaluation, checkpoints, start-up timing, a
-graceful stop) is a hook with its own state (``launcher/hooks.py``, where their order is set).
+``fit()`` reads top to bottom: before-train hooks; per step: take the step's micro-batches
+(and the next step's, fetched one step ahead: their unit counts ride with this step's
+all-reduce, ``launcher/step.py: Units``), run the step object (``launcher/step.py``: DDP or
+DeepSpeed, chosen once), step the lr schedule, call every hook's ``after_step``; after-train
+hooks. What a run does beyond that (metrics and the console, EMA, noise scale, evaluation,
+checkpoints, start-up timing, a graceful stop) is a hook with its own state
+(``launcher/hooks.py``, where their order is set).
 
 Every piece that must survive a restart exposes ``state_dict``/``load_state_dict`` and is
 handed to the checkpointer by name (``launcher/checkpoint.py``); the step is the data
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from launcher.planner import Plan
     from launcher.tracking import Tracker
 
-StepFn = Callable[[list[Batch], int], StepResult]
+StepFn = Callable[[list[Batch], int, "list[Batch] | None"], StepResult]  # (micro-batches, step, the next step's)
 
 
 @dataclass
@@ -52,7 +54,7 @@ class HookBase:
         """Once, before the first step (after any restore)."""
 
     def before_step(self, trainer: Trainer) -> None:
-        """Before each step's micro-batches are fetched."""
+        """Before each step (its micro-batches were fetched with the previous step, except the first's)."""
 
     def after_step(self, trainer: Trainer, info: StepInfo) -> None:
         """After each optimizer step and lr-schedule step."""
@@ -99,6 +101,7 @@ class Trainer:
     scalars: StepScalars = field(default_factory=StepScalars)  # the per-step all-reduced scalars, by name
     metrics: dict[str, float] = field(default_factory=dict)  # the latest logged metrics (hooks fill it)
     clock: TrainClock = field(default_factory=TrainClock)
+    done: int = 0  # optimizer steps done (the data position): ``start_step`` until the first step ends
 
     @property
     def raw_model(self) -> nn.Module:
@@ -108,16 +111,19 @@ class Trainer:
         """Train from ``start_step`` to ``plan.max_steps`` (or a graceful stop); the last metrics."""
         self.model.train()
         self.clock = TrainClock()
+        self.done = self.start_step
         for hook in self.hooks:
             hook.before_train(self)
+        upcoming: list[Batch] | None = None
         for step in range(self.start_step, self.plan.max_steps):
             for hook in self.hooks:
                 hook.before_step(self)
-            micro = [next(self.batches) for _ in range(self.plan.grad_accum)]
+            micro = upcoming or self._take()
+            upcoming = self._take() if step + 1 < self.plan.max_steps else None
             lr = float(self.scheduler.get_last_lr()[0])  # the lr this step uses
-            result = self.step_fn(micro, step)
+            result = self.step_fn(micro, step, upcoming)
             self.scheduler.step()
-            done = step + 1
+            self.done = done = step + 1
             info = StepInfo(done=done, lr=lr, result=result, last=done == self.plan.max_steps)
             info.last = info.last or info.stop
             for hook in self.hooks:
@@ -127,4 +133,7 @@ class Trainer:
         for hook in self.hooks:
             hook.after_train(self)
         return self.metrics
+
+    def _take(self) -> list[Batch]:
+        return [next(self.batches) for _ in range(self.plan.grad_accum)]
 

@@ -28,7 +28,7 @@ from launcher import checkpoint, faults
 from launcher.config import Config, validate
 from launcher.control import ConsoleLink, StopPoll
 from launcher.data import Data, SampleLedger, StepBatches, eval_samples, eval_shard, size
-from launcher.hooks import WorkerGroup, back_off_notice, build_hooks
+from launcher.hooks import LedgerEnd, WorkerGroup, back_off_notice, build_hooks
 from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import apply_plan, build_optimizer, build_scheduler
 from launcher.planner import Plan
@@ -145,7 +145,8 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
         w.say(f"resumed from {PurePosixPath(found[0]).name} at step {start}")
         _plan_over_checkpoint(w, eng.optimizer, scheduler)
     agree_on_step(start, w.device)
-    batches = _batches(w, start, SampleLedger.from_env(w.rank, w.world, start, plan.grad_accum))
+    ledger = SampleLedger.from_env(w.rank, w.world, start, plan.grad_accum)
+    batches = _batches(w, start, ledger)
     stamps["worker_model_done_at"] = time.time()
     group = None
     if poll is not None:  # rank 0: which worker group this is, after which
@@ -161,7 +162,7 @@ def build_trainer(w: Worker, payload: dict[str, Any], poll: StopPoll | None, sta
         startup=stamps if timed else None, ema=ema, noise=noise,
         group=WorkerGroup(group, stamps, poll.reached) if group is not None and poll is not None else None,
         hold=injected.hold if injected.holds else None,
-    )
+    ) + ([LedgerEnd(ledger)] if ledger else [])
     return Trainer(model=eng.model, step_fn=eng.step, scheduler=scheduler, batches=batches, plan=plan,
                    start_step=start, hooks=hooks, tracker=w.tracker, say=w.say, progress=w.progress, scalars=scalars)
 

@@ -453,3 +453,80 @@ def test_shards_restore_only_on_the_world_they_were_split_over(tmp_path: Path) -
     other = checkpoint.Checkpointer(parts_of(tiny(), p), {"zero": shard}, recipe="tiny", plan={}, rank=0, world=3)
     with pytest.raises(checkpoint.CheckpointMismatch, match="split over 2 workers, this run has 3"):
         other.restore([str(tmp_path / "c")], warn=print)
+
+
+# ---------------------------------------------------------------- collectives per step
+
+
+class MaskedLin(Lin):
+    """Loss over the rows whose mask is 1 only: each rank's unit count differs from step to step."""
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"mse": ((self.net(batch["x"]) - batch["y"]).pow(2).sum(1) * batch["m"]).sum()}
+
+
+def masked_count(batch: Batch) -> dict[str, int]:
+    return {"mse": int(batch["m"].sum())}
+
+
+def masked_stream(micro: int, seed: int) -> Iterator[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    for batch in stream(micro, seed):
+        yield {**batch, "m": (torch.rand(micro, generator=g) < 0.5).float()}
+
+
+def _counted_run(rank: int, steps: int) -> tuple[torch.Tensor, list[int], list[float]]:
+    """``steps`` optimizer steps of 2 x 3 samples per rank through the Trainer, counting the launcher's all-reduces."""
+    import torch.distributed as dist
+
+    calls: list[int] = []
+    real = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[-1] += 1
+        return real(*args, **kwargs)
+
+    class PerStep(HookBase):
+        def before_step(self, trainer: Trainer) -> None:
+            calls.append(0)
+
+    p = tiny_plan(max_steps=steps, micro=3, accum=2)
+    model = nn.parallel.DistributedDataParallel(_masked())
+    scalars = StepScalars()
+    t = Trainer(model=model, step_fn=DDPStep(model, torch.optim.SGD(model.parameters(), lr=0.1), masked_count,
+                                             scalars, device=torch.device("cpu")),
+                scheduler=torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)]), lambda _s: 1.0),
+                batches=masked_stream(3, seed=20 + rank), plan=p, start_step=0, hooks=[PerStep(), Results()],
+                tracker=Recorder(), say=lambda _m: None, scalars=scalars)
+    dist.all_reduce = counted  # type: ignore[assignment]
+    try:
+        t.fit()
+    finally:
+        dist.all_reduce = real
+    totals = [r.totals["mse"] for r in t.hooks[1].results]  # type: ignore[attr-defined]
+    return flat(model.module), calls, totals
+
+
+def _masked() -> nn.Module:
+    torch.manual_seed(0)
+    return MaskedLin()
+
+
+def test_one_all_reduce_per_step_beyond_ddps_and_the_same_steps() -> None:
+    """The unit counts travel one step ahead with the step's scalars: one all-reduce per step (two on the
+    first, which counts its own), and the steps equal those of the whole global batch in one process."""
+    steps = 4
+    out = spawn_gloo(_counted_run, 2, steps)
+    (w0, calls0, totals0), (w1, calls1, totals1) = out[0], out[1]
+    assert calls0 == calls1 == [2] + [1] * (steps - 1)
+    single = _masked()
+    step = DDPStep(single, torch.optim.SGD(single.parameters(), lr=0.1), masked_count, StepScalars(),
+                   device=torch.device("cpu"))
+    streams = [masked_stream(3, seed=20), masked_stream(3, seed=21)]
+    expected = []
+    for i in range(steps):  # each step's own counts, all-reduced before it: the reference normalization
+        micro = [next(s) for s in streams for _ in range(2)]
+        expected.append(step(micro, i).totals["mse"])
+    assert totals0 == totals1 == expected and len(set(expected)) > 1  # the counts vary from step to step
+    torch.testing.assert_close(w0, w1)
+    torch.testing.assert_close(w0, flat(single))
