@@ -201,7 +201,7 @@ def _plan(cfg: Config) -> int:
         try:
             p = build_plan(cfg, None)
         finally:
-            cluster.stop(Path(), local=False)
+            cluster.stop(Path())
     else:
         p = build_plan(cfg, None)
     if cfg.plan.format == "json":

@@ -1,6 +1,8 @@
 """Ray, local or a cluster someone else runs: start or connect, read its hardware, use its job API.
 
-``cluster=local`` starts an embedded single-node Ray on 127.0.0.1 and removes it afterwards.
+``cluster=local`` trains on a Ray the user keeps running on this machine (``ray start --head``,
+once) when it has room for the run (``warm_local``), else starts an embedded single-node Ray on
+127.0.0.1 and removes it afterwards.
 ``cluster=ray`` connects to an existing cluster (``cluster.address``, else ``$RAY_ADDRESS``,
 else ``auto``), ships the launcher's code to its workers (``py_modules``), and reads the
 GPUs per node and their memory from it for the planner. ``action=submit|status|logs|stop``
@@ -31,6 +33,49 @@ EXCLUDES = [".git", ".venv", "outputs", "mlruns", "mlflow.db", "*.egg-info", "be
             ".mypy_cache", ".ruff_cache", ".pytest_cache"]
 JOB_STOP_WAIT_S = 120  # SIGTERM -> SIGKILL grace of a stopped job: time to finish a step and checkpoint
 QUIET = "launcher.raylog.quiet"  # worker_process_setup_hook; imports nothing heavy
+_embedded = False  # this process started the Ray it is connected to (start_local): stop() removes it
+
+
+def warm_local(cpus: int, gpus: int, verbose: bool = False) -> bool:
+    """Connect to the Ray the user started on this machine with ``ray start --head``, when it answers and
+    has ``cpus`` CPUs and ``gpus`` GPUs for the run; say so either way. False: none was found (or it is
+    too small, or refused the connection): start an embedded one.
+
+    Found as Ray's own ``ray.init(address="auto")`` finds it: the address that ``ray start`` wrote
+    last in ``<temp>/ray/ray_current_cluster`` (``<temp>``: ``$RAY_TMPDIR``, else ``$TMPDIR``, else
+    /tmp), only when something listens there. Connected as to any cluster (``connect``: the
+    launcher's code shipped to its workers, the authentication policy of ``authentication``).
+    Saves the embedded Ray's start (seconds) and its workers' imports; the warm Ray is left running.
+    """
+    record = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+    address = record.read_text().strip() if record.is_file() else ""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit() and _listening(host, int(port))):
+        return False
+    try:
+        connect(Cluster(kind="ray", address=address), verbose=verbose, found=f"a warm Ray: {record}")
+    except ConfigError as e:
+        print(f"ray: not using the Ray at {address} ({e.errors[0]}); starting an embedded one", flush=True)
+        return False
+    import ray  # after connect: Ray reads the authentication mode that connect sets on import
+
+    have = ray.available_resources()  # what is free now: a busy warm Ray would hold the run waiting
+    if have.get("CPU", 0) < cpus or have.get("GPU", 0) < gpus:
+        ray.shutdown()
+        print(f"ray: the Ray at {address} has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; this "
+              f"run needs {cpus} and {gpus}: starting an embedded one", flush=True)  # fmt: skip
+        return False
+    return True
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def start_local(cpus: int, verbose: bool = False) -> None:
@@ -71,6 +116,8 @@ def start_local(cpus: int, verbose: bool = False) -> None:
         configure_logging=True,
         runtime_env={"worker_process_setup_hook": QUIET},
     )
+    global _embedded
+    _embedded = True
 
 
 def _free_port() -> int:
@@ -81,9 +128,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def connect(cluster: Cluster, verbose: bool = False) -> str:
+def connect(cluster: Cluster, verbose: bool = False, found: str = "") -> str:
     """Connect to an existing cluster with the launcher's code for its workers; returns the address used.
-    Its workers' output stays in the cluster's session logs unless ``verbose`` (``run.verbose``)."""
+    Its workers' output stays in the cluster's session logs unless ``verbose`` (``run.verbose``).
+    ``found``: where the address came from, for the console line."""
     address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
     if address.startswith(("http://", "https://")):
         raise ConfigError(
@@ -123,7 +171,7 @@ def connect(cluster: Cluster, verbose: bool = False) -> str:
                 "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
             ]
         ) from None
-    print(f"ray: connected to {address} (authentication: {auth})", flush=True)
+    print(f"ray: connected to {address} ({found + '; ' if found else ''}authentication: {auth})", flush=True)
     return address
 
 
@@ -177,27 +225,31 @@ def _check_reachable(host: str, port: int, address: str) -> None:
         ) from None
 
 
-def stop(logs: Path, local: bool) -> None:
-    """Disconnect. An embedded Ray is shut down, its logs kept in ``logs``, its /tmp session removed,
-    and any of its processes still there after 10 s (an actor stuck in its own shutdown) killed."""
+def stop(logs: Path) -> Path | None:
+    """Disconnect; where the workers' logs are. An embedded Ray (``start_local``) is shut down, its logs
+    moved to ``logs``, its /tmp session removed, and any of its processes still there after 10 s (an
+    actor stuck in its own shutdown) killed. A Ray someone else runs is left running, its logs in
+    its session folder on its nodes (this one's when it is here)."""
     import psutil
     import ray
 
+    global _embedded
     if not ray.is_initialized():
-        return
+        return None
+    embedded, _embedded = _embedded, False
     node = ray._private.worker._global_node
-    session = Path(node.get_session_dir_path()) if local and node is not None else None
-    started = psutil.Process().children(recursive=True) if local else []  # GCS, raylet, its workers
+    session = Path(node.get_session_dir_path()) if node is not None else None
+    started = psutil.Process().children(recursive=True) if embedded else []  # GCS, raylet, its workers
     ray.shutdown()
-    if local:  # the embedded Ray's address is gone with it
+    if embedded:  # the embedded Ray's address is gone with it
         for var in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
             os.environ.pop(var, None)
     _, alive = psutil.wait_procs(started, timeout=10)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    if session is None:
-        return
+    if session is None or not embedded:
+        return session / "logs" if session is not None and (session / "logs").is_dir() else None
     if (session / "logs").is_dir():
         logs.mkdir(parents=True, exist_ok=True)
         shutil.move(str(session / "logs"), str(logs / session.name))
@@ -205,6 +257,7 @@ def stop(logs: Path, local: bool) -> None:
     latest = session.parent / "session_latest"
     if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
         latest.unlink()
+    return logs
 
 
 def hardware(cluster: Cluster) -> Hardware:

@@ -157,7 +157,7 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
     try:
         return _train(cfg, timings, out, uri, storage)
     finally:
-        cluster.stop(out / "logs", local=False)  # a no-op once _train has stopped Ray
+        cluster.stop(out / "logs")  # a no-op once _train has stopped Ray
 
 
 def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage: str) -> int:
@@ -214,12 +214,14 @@ def _open_run_while_ray_starts(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
         opening = pool.submit(lambda: (_open_run(cfg, uri, p, name, resume), time.time()))
         try:
-            if local:
-                cluster.start_local(p.world_size * p.cpus.cpus_per_worker, verbose=cfg.run.verbose)
+            if local:  # a warm Ray the user started here, else an embedded one
+                cpus, gpus = p.world_size * p.cpus.cpus_per_worker, p.world_size if p.device == "cuda" else 0
+                if not cluster.warm_local(cpus, gpus, verbose=cfg.run.verbose):
+                    cluster.start_local(cpus, verbose=cfg.run.verbose)
                 timings["ray_done_at"] = time.time()
             run_id, timings["tracking_done_at"] = opening.result()
         except BaseException as e:
-            cluster.stop(out / "logs" / f"{name}-not-launched", local=local)
+            cluster.stop(out / "logs" / f"{name}-not-launched")
             with contextlib.suppress(Exception):  # the run, if it opened, is closed; the first error is reported
                 opened = opening.result()[0]
                 status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -257,7 +259,7 @@ def _launch(
     embedded Ray closed whatever happens."""
     from launcher import cluster, console, control
 
-    local, run_id, uri = cfg.cluster.kind == "local", payload["run_id"], payload["tracking_uri"]
+    run_id, uri = payload["run_id"], payload["tracking_uri"]
     run_dir, logs = _run_dir(name, run_id), Path(run_path(out / "logs", name, run_id))
     status, backlog = "FAILED", None
     try:
@@ -285,10 +287,10 @@ def _launch(
         status = "KILLED"
         raise
     finally:
-        cluster.stop(logs, local=local)
+        kept = cluster.stop(logs)
         finish_run(uri, run_id, status, backlog, out / "spool" / f"{run_id}.json")
-    if status == "FAILED" and local:  # the workers' own output is not on the console (run.verbose)
-        print(f"Ray's and the workers' logs: {logs}/", flush=True)
+    if status == "FAILED" and kept is not None:  # the workers' own output is not on the console (run.verbose)
+        print(f"Ray's and the workers' logs: {kept}/", flush=True)
     print(f"mlflow: run {run_id} {status.lower()}; see it with `make mlflow-ui`", flush=True)
     return {"FINISHED": 0, "KILLED": 130}.get(status, 1)
 

@@ -89,7 +89,7 @@ def test_naive_mean_of_means_would_differ() -> None:
 def local_ray():
     start_local(2)  # the launcher's own embedded Ray: loopback, no auth token
     yield
-    stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs", local=True)  # and its address
+    stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs")  # and its address
 
 
 def test_two_workers_match_one_big_batch(local_ray: None) -> None:

@@ -23,8 +23,9 @@ TOKEN = secrets.token_hex(32)  # the test cluster's authentication token
 
 
 @pytest.fixture(scope="module")
-def cluster_head() -> Iterator[tuple[str, str]]:
-    """(GCS address, job API address) of a token-authenticated head on loopback with 4 CPUs and the dashboard."""
+def cluster_head() -> Iterator[tuple[str, str, Path]]:
+    """(GCS address, job API address, its temp dir) of a token-authenticated head on loopback with 4 CPUs and
+    the dashboard."""
     dashboard = free_port()
     env = {
         **os.environ,
@@ -46,7 +47,7 @@ def cluster_head() -> Iterator[tuple[str, str]]:
                 if time.time() > deadline or head.poll() is not None:
                     pytest.fail(f"ray start --head did not come up in 90 s:\n{(temp / 'head.log').read_text()[-3000:]}")
                 time.sleep(0.5)
-        yield f"127.0.0.1:{port}", api
+        yield f"127.0.0.1:{port}", api, temp
 
 
 SHORT = ["scale=smoke", "train.max_steps=10", "train.log_every=5", "train.eval_batches=1", "train.checkpoint_every=10"]
@@ -55,7 +56,7 @@ SHORT = ["scale=smoke", "train.max_steps=10", "train.log_every=5", "train.eval_b
 AUTH: dict[str, str | None] = {"RAY_AUTH_TOKEN": TOKEN, "RAY_AUTH_MODE": None}  # the launcher decides the mode
 
 
-def test_plan_reads_the_clusters_hardware(cluster_head: tuple[str, str], tmp_path: Path) -> None:
+def test_plan_reads_the_clusters_hardware(cluster_head: tuple[str, str, Path], tmp_path: Path) -> None:
     out = launcher("scale=smoke", "cluster=ray", f"cluster.address={cluster_head[0]}", "action=plan", cwd=tmp_path,
                    env=AUTH)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -73,7 +74,9 @@ def test_plan_reads_the_clusters_hardware(cluster_head: tuple[str, str], tmp_pat
     assert "(authentication: token from ~/.ray/auth_token)" in out.stdout
 
 
-def test_a_token_cluster_refuses_a_launcher_without_its_token(cluster_head: tuple[str, str], tmp_path: Path) -> None:
+def test_a_token_cluster_refuses_a_launcher_without_its_token(
+    cluster_head: tuple[str, str, Path], tmp_path: Path
+) -> None:
     out = launcher("scale=smoke", "cluster=ray", f"cluster.address={cluster_head[0]}", "action=plan", cwd=tmp_path,
                    env={"HOME": str(tmp_path), "RAY_AUTH_MODE": None}, timeout=180)  # no token anywhere
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
@@ -81,8 +84,8 @@ def test_a_token_cluster_refuses_a_launcher_without_its_token(cluster_head: tupl
     assert "$RAY_AUTH_TOKEN" in out.stderr
 
 
-def test_a_cluster_run_and_a_submitted_job_are_recorded(cluster_head: tuple[str, str], tmp_path: Path) -> None:
-    gcs, api = cluster_head
+def test_a_cluster_run_and_a_submitted_job_are_recorded(cluster_head: tuple[str, str, Path], tmp_path: Path) -> None:
+    gcs, api, _ = cluster_head
     storage = tmp_path / "shared"
     store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     env = {"MLFLOW_TRACKING_URI": store, **AUTH}  # $MLFLOW_TRACKING_URI wins over ./mlflow.db, here and in the job
@@ -115,6 +118,26 @@ def test_a_cluster_run_and_a_submitted_job_are_recorded(cluster_head: tuple[str,
     assert set(runs) == {"on-cluster", "submitted"} and not (tmp_path / "mlflow.db").exists()
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert {m.step for m in client.get_metric_history(runs["submitted"].info.run_id, "loss")} == {5, 10}
+
+
+def test_cluster_local_trains_on_a_warm_ray_it_finds_and_leaves_it_running(
+    cluster_head: tuple[str, str, Path], tmp_path: Path
+) -> None:
+    """``ray start --head`` done once (here: the module's head, token-authenticated): ``cluster=local`` finds
+    it where Ray records it (``$RAY_TMPDIR/ray/ray_current_cluster``), says so, trains on it, leaves it up."""
+    gcs, _, temp = cluster_head
+    where = Path(tempfile.mkdtemp(prefix="warm-", dir="/tmp"))
+    (where / "ray").symlink_to(temp)  # the head's temp dir, where `ray start` wrote its address
+    assert (temp / "ray_current_cluster").read_text().strip() == gcs
+    out = launcher("scale=smoke", "train.max_steps=2", "train.eval_batches=1", f"run.output_dir={tmp_path / 'out'}",
+                   cwd=tmp_path, env={**AUTH, "RAY_TMPDIR": str(where)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    said = f"ray: connected to {gcs} (a warm Ray: {where}/ray/ray_current_cluster; authentication: token from "
+    assert said in out.stdout and "step 2/2" in out.stdout
+    assert TOKEN not in out.stdout + out.stderr
+    assert not (tmp_path / "out" / "logs").exists()  # its logs stay in its own session folder
+    plan = launcher("scale=smoke", "cluster=ray", f"cluster.address={gcs}", "action=plan", cwd=tmp_path, env=AUTH)
+    assert plan.returncode == 0, plan.stderr[-2000:]  # the warm Ray is still up after the run
 
 
 def test_an_unreachable_cluster_fails_in_seconds(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def test_two_workers_evaluate_like_one_process(tmp_path: Path) -> None:
                 run_config=RunConfig(storage_path=tmp, name="coco-eval"),
             ).fit()
     finally:
-        stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs", local=True)  # and its address
+        stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs")  # and its address
     two = json.loads(out.read_text())
     assert single["eval_images"] == two["eval_images"] == 5
     assert two == pytest.approx(single, abs=1e-3)  # same weights, same images: same COCOeval

@@ -77,7 +77,7 @@ def test_run_verbose_puts_ray_workers_output_on_the_console_and_keeps_it_in_the_
         "cluster.start_local(1, verbose=True)\n"
         "@ray.remote\ndef shout():\n    print('a line from a Ray worker', flush=True)\n"
         "ray.get(shout.remote())\ntime.sleep(2)  # Ray's log monitor forwards within a second\n"
-        "cluster.stop(Path(sys.argv[1]), local=True)\n"
+        "cluster.stop(Path(sys.argv[1]))\n"
     )
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "logs")], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)

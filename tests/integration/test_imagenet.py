@@ -241,7 +241,7 @@ def test_two_workers_evaluate_exactly_like_one_process_on_an_odd_val_set() -> No
                 run_config=RunConfig(storage_path=tmp, name="eval"),
             ).fit()
         finally:
-            stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs", local=True)  # and its address
+            stop(Path(tempfile.gettempdir()) / "launcher-test-ray-logs")  # and its address
         two = json.loads(out.read_text())
     assert len(eval_shard(13, 0, 2, 4)) + len(eval_shard(13, 1, 2, 4)) == 4  # 7 + 6 samples: uneven shares
     assert two == pytest.approx(single, rel=1e-6)

@@ -202,7 +202,8 @@ def test_a_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.serial  # compares the machine's Ray processes and files: nothing else may run beside it
 def test_sigint_checkpoints_marks_the_run_killed_and_leaves_no_ray_behind(tmp_path: Path, shared_outputs: Path) -> None:
-    before, sessions = ray_processes(), set(Path("/tmp/ray").glob("session_2*"))
+    temp = Path(os.environ["RAY_TMPDIR"]) / "ray"  # the session's (tests/conftest.py): Ray's session dirs
+    before, sessions = ray_processes(), set(temp.glob("session_2*"))
     shm = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher", "scale=smoke", "train.max_steps=100000", "train.log_every=5",
@@ -236,7 +237,7 @@ def test_sigint_checkpoints_marks_the_run_killed_and_leaves_no_ray_behind(tmp_pa
     assert saved and checkpoint.meta(saved[0])["step"] >= 10  # type: ignore[index]
     time.sleep(2)
     assert ray_processes() <= before  # every Ray process it started is gone
-    assert set(Path("/tmp/ray").glob("session_2*")) <= sessions  # its session dir too (logs kept in outputs)
+    assert set(temp.glob("session_2*")) <= sessions  # its session dir too (logs kept in outputs)
     assert any((shared_outputs / "logs").glob("interrupted-*/session_*/raylet.out"))
     assert {f for f in os.listdir("/dev/shm") if "ray" in f.lower() or "plasma" in f.lower()} <= shm
 

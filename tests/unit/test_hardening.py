@@ -304,7 +304,7 @@ def test_one_signal_asks_the_run_to_stop_a_second_stops_at_once(tmp_path: Path) 
                 time.sleep(1)  # the handler runs between bytecodes; it raises here at the latest
         assert signal.getsignal(signal.SIGINT) == before  # the previous handler is back
     finally:
-        cluster.stop(tmp_path / "logs", local=True)
+        cluster.stop(tmp_path / "logs")
 
 
 def test_a_run_whose_checkpoints_are_all_unreadable_stops_instead_of_starting_over(tmp_path: Path) -> None:
