@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint plan bench bench-gpu mlflow-ui docker clean
+.PHONY: help setup run test test-full lint plan bench bench-gpu mlflow-ui docker clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,8 +29,12 @@ run: setup ## train BERT smoke on 2 CPU workers (embedded Ray, MLflow in ./mlflo
 test: setup ## lint, type-check and run the tests (unit + integration; 2 processes, then the serial ones)
 	$(BIN)/ruff check launcher recipes tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile -m 'not gpu and not serial' tests
+	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile -m 'not gpu and not serial and not full' tests
 	$(BIN)/python -m pytest -q -m serial tests
+
+test-full: setup ## the full-scale tier: each recipe at scale=full, 2 steps on generated full-size data (about 6 min on 2 cores) -> bench/results/full_scale.json, BENCHMARKS.md
+	$(BIN)/python -m pytest -q --durations=10 -m full tests/integration/test_full_scale.py
+	$(BIN)/python bench/tables.py
 
 plan: setup ## show the plan for BERT on 8x8 80 GB GPUs at global batch 8192 (no training)
 	$(BIN)/python -m launcher action=plan cluster.nodes=8 cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 batch.global_batch=8192

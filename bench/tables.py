@@ -217,6 +217,32 @@ def bert_data_compare(d: Json) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------- full_scale.json (make test-full)
+
+FULL_MODELS = {"bert": "BERT-base, 512-token pairs", "imagenet": "ResNet-50, 224 px crops",
+               "coco": "Mask R-CNN R50-FPN, 800-1333 px"}  # fmt: skip
+FULL_PHASES = {"data": "data", "plan": "plan", "workers": "workers", "worker_model": "model",
+               "first_step": "first step"}  # the start-up phases shown (startup_<key>_s)  # fmt: skip
+FULL_UNPINNED = {"recipe", "scale", "data.path", "train.log_every", "cluster"}  # overrides not shown as pinned
+
+
+def full_scale_runs(d: Json) -> list[str]:
+    """Each recipe at ``scale=full`` on its generated tree: time to first step by phase, wall, and
+    the evaluation against the val split (tests/integration/test_full_scale.py)."""
+    lines = [f"- **Command / date / device**: `{d['command']}`, {d['date'][:16].replace('T', ' ')} UTC, {d['device']} "
+             f"(load average {d['load_average']:.1f} at the end); **{d['wall_s'] / 60:.1f} min** for the tier "
+             "(the trees built, the three runs)", "",
+             *_head("recipe", "model, input", "data (generated)", "train / val", "pinned", "tree built (s)",
+                    "time to first step (s), by phase", "command wall (s)", "evaluated")]  # fmt: skip
+    for name, r in d["runs"].items():
+        phases = ", ".join(f"{label} {r['startup'][k]:.1f}" for k, label in FULL_PHASES.items() if k in r["startup"])
+        pinned = " ".join(f"`{o}`" for o in r["overrides"] if o.split("=")[0] not in FULL_UNPINNED)
+        lines.append(_row(name, FULL_MODELS.get(name, "-"), r["data"], f"{r['train']:,} / {r['val']:,}", pinned,
+                          f"{r['tree_s']:.1f}", f"**{r['time_to_first_step_s']:.1f}** ({phases})",
+                          f"**{r['wall_s']:.1f}**", f"{r['eval_samples']:,.0f} of {r['val']:,}"))  # fmt: skip
+    return lines
+
+
 # ---------------------------------------------------------------- gpu.json (bench/gpu.py)
 
 
@@ -262,6 +288,7 @@ TABLES: dict[str, Callable[[Json], list[str]]] = {
     "resize:recovery": resize_recovery,
     "bert_data:phases": bert_data_phases,
     "bert_data:compare": bert_data_compare,
+    "full_scale:runs": full_scale_runs,
     "gpu:throughput": gpu_throughput,
     "gpu:memory": gpu_memory,
 }

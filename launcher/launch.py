@@ -162,12 +162,16 @@ def train(cfg: Config, timings: dict[str, float]) -> int:
 
 def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage: str) -> int:
     """Data, plan and MLflow run on the driver; then Ray Train; the run's status from how it ended."""
+    from launcher import weights
     from launcher.data import size
     from recipes import RECIPES
 
     resume = _find_resume(cfg, uri, storage)
     if resume is not None and resume.plan is not None:  # the sample position needs the same global batch
         cfg.batch.global_batch, cfg.batch.scale_with_world = resume.plan["global_batch"], False
+    # A weights file that is missing or does not fit, in a second (the model on the meta device); the
+    # workers then read it once, when they build their model
+    weights.check(cfg, RECIPES[cfg.recipe.name].build_model)
     # Every planner error before any data is built (a tokenizer trained, images drawn): the dataset
     # size only sets the steps, so the plan without it fails wherever the final one would
     planning = prepare_plan(cfg)

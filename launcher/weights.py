@@ -9,12 +9,16 @@ count) in one ``ConfigError`` naming the config key. A missing ``num_batches_tra
 (older torchvision files lack it; BatchNorm fills it in).
 
 The recipes load weights inside ``build_model``, so they are in place before the worker applies the
-plan's norm policy: ``frozen_bn`` freezes the loaded running statistics, not a fresh init's.
+plan's norm policy: ``frozen_bn`` freezes the loaded running statistics, not a fresh init's. Each
+worker reads a file once, there. The driver checks it before anything is scheduled (``check``,
+called by ``launcher/launch.py``): the recipe's ``build_model`` on the meta device, so the check
+reads the file and compares shapes, and allocates and initialises no model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +82,18 @@ def load(module: nn.Module, state: dict[str, torch.Tensor], key: str, path: str)
     errors = mismatches(module, state, key, path)
     if errors:
         raise ConfigError(errors)
+    if any(t.is_meta for t in module.state_dict().values()):  # the driver's check (``check``): shapes only
+        return
     module.load_state_dict(state, strict=False)  # strict but for num_batches_tracked, checked above
+
+
+def check(cfg: Config, build_model: Callable[[Config], nn.Module]) -> None:
+    """Every weights file ``cfg.recipe`` names, read and checked key by key against the model
+    ``build_model`` makes of ``cfg``, built on the meta device (no memory, no init: a second for any
+    size); a ConfigError as ``load`` raises it. On the driver, before anything is scheduled."""
+    if any(getattr(cfg.recipe, k, None) is not None for k in KEYS):
+        with torch.device("meta"):
+            build_model(cfg)
 
 
 def without_weights(cfg: Config) -> Config:

@@ -14,8 +14,8 @@ model wrapper unpads them into torchvision's lists. Losses come back as torchvis
 per-batch means times the number of images, i.e. sums over images.
 
 Weights come from local files only, loaded inside ``build_model`` (so before the worker applies
-the plan's norm policy: ``frozen_bn`` freezes the loaded BatchNorm statistics) and once on the
-driver in ``build_data`` (a missing or mismatched file fails before anything is scheduled):
+the plan's norm policy: ``frozen_bn`` freezes the loaded BatchNorm statistics; the driver checks
+them first, ``weights.check``, so a missing or mismatched file fails before anything is scheduled):
 ``recipe.backbone_weights``, a torchvision ResNet-50 ImageNet state dict (e.g. the
 ``resnet50-*.pth`` torchvision keeps in ``$TORCH_HOME/hub/checkpoints``), goes onto
 ``backbone.body`` with its ``fc.*`` classifier dropped; ``recipe.weights``, the whole detection
@@ -156,8 +156,6 @@ def example_batch(cfg: Config, n: int) -> dict[str, torch.Tensor]:
 
 def build_data(cfg: Config, cache_dir: Path) -> Data:
     r = spec(cfg)
-    if r.weights is not None or r.backbone_weights is not None:  # on the driver: fails before anything is scheduled
-        build_net(cfg)
     root = Path(cfg.data.path).expanduser() if cfg.data.path else _synthetic(cfg, cache_dir)
     masks = has_masks(cfg)
     train = CocoImages(root, r.train_split, masks, cfg.run.seed, train=True, keep_empty=r.keep_empty)

@@ -25,8 +25,8 @@ are built for ``recipe.train_crop``, and ``recipe.eval_crop`` must equal it.
 
 ``recipe.weights``: a local state dict of the torchvision model (launcher/weights.py checks it
 key by key), loaded inside ``build_model``, so before the plan's norm policy converts BatchNorm;
-it is also loaded once on the driver in ``build_data``, so a missing or mismatched file fails
-before anything is scheduled.
+the driver checks it before anything is scheduled (``weights.check``: the model on the meta
+device), so each worker reads it once, when it builds its model.
 """
 
 from __future__ import annotations
@@ -223,8 +223,6 @@ def build_data(cfg: Config, cache_dir: Path) -> Data:
         raise ConfigError(
             [f"recipe.num_classes: {r.num_classes}, but {root / 'train'} has {len(classes)} class folders"]
         )
-    if r.weights is not None:  # on the driver: a missing or mismatched file fails before anything is scheduled
-        build_net(cfg)
     train_tf, eval_tf = _transforms(r)
     train = Images(root / "train", train_tf, r.bad_images, cfg.run.seed)
     val = Images(root / "val", eval_tf, r.bad_images, cfg.run.seed, fixed=True)

@@ -89,3 +89,23 @@ def test_a_dry_run_is_not_a_measurement(tmp_path: Path) -> None:
     (tmp_path / "gpu.json").write_text(json.dumps({"dry_run": True, "workloads": {}}))
     with pytest.raises(SystemExit, match="--dry-run"):
         tables().render_table("gpu:throughput", tmp_path)
+
+
+def test_the_full_scale_table_shows_each_run_its_start_up_and_its_evaluation() -> None:
+    """``make test-full``'s record (tests/integration/test_full_scale.py) as BENCHMARKS.md shows it: the command,
+    date and device, the tier's minutes, and per recipe what was pinned, the time to first step by phase, the
+    wall, and the evaluated samples against the val split."""
+    run = {"data": "1000 classes", "train": 1000, "val": 1000, "tree_s": 4.3, "wall_s": 250.04,
+           "overrides": ["recipe=imagenet", "scale=full", "data.path=<tree>", "train.max_steps=2", "train.log_every=1",
+                         "cluster=local", "batch.global_batch=4"],
+           "time_to_first_step_s": 61.26, "startup": {"data": 1.0, "plan": 5.04, "tracking": 9.0, "first_step": 3.0},
+           "steps": 2, "eval_samples": 1000.0, "eval": {"eval_top1": 0.0}}  # fmt: skip
+    record = {"command": "make test-full", "date": "2026-12-06T18:00:59+00:00", "device": "CPU: X, 2 cores",
+              "load_average": 1.04, "wall_s": 900.0, "runs": {"imagenet": run}}  # fmt: skip
+    lines = tables().full_scale_runs(record)
+    assert lines[0].startswith("- **Command / date / device**: `make test-full`, 2026-12-06 18:00 UTC, CPU: X, 2 cores")
+    assert "**15.0 min** for the tier" in lines[0]
+    (row,) = [line for line in lines if line.startswith("| imagenet |")]
+    assert "| `train.max_steps=2` `batch.global_batch=4` |" in row and "data.path" not in row  # only what is pinned
+    assert "| **61.3** (data 1.0, plan 5.0, first step 3.0) | **250.0** |" in row  # tracking is not shown
+    assert row.endswith("| 1,000 of 1,000 |")

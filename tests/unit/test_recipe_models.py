@@ -11,8 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
+from launcher import weights
 from launcher.cli import load
-from launcher.config import ConfigError
+from launcher.config import Config, ConfigError
 from launcher.launch import build_plan
 from launcher.step import normalized_loss
 from launcher.worker import convert_norm
@@ -173,7 +174,7 @@ def test_a_weights_file_that_does_not_fit_lists_its_mismatches(tmp_path: Path) -
     torch.save(state, path)
     cfg = load(["recipe=coco", "scale=smoke", f"recipe.backbone_weights={path}"])
     with pytest.raises(ConfigError) as e:
-        coco.build_data(cfg, tmp_path / "cache")  # on the driver, before any data is drawn
+        weights.check(cfg, coco.build_model)  # on the driver, before anything is scheduled (launch.py)
     text = str(e.value)
     assert "3 config errors" in text
     missing = sum(1 for k in torchvision.models.resnet50().state_dict() if k.startswith("layer4.")
@@ -182,7 +183,31 @@ def test_a_weights_file_that_does_not_fit_lists_its_mismatches(tmp_path: Path) -
     assert f"({missing - 5} more)" in text  # a few names, then the count
     assert "1 key(s) not in the model: extra.head.weight" in text
     assert "1 key(s) with another shape: conv1.weight (64, 3, 5, 5) in the file, (64, 3, 7, 7) in the model" in text
-    assert not (tmp_path / "cache").exists()
+
+
+def test_the_driver_checks_weights_on_the_meta_device_and_the_data_never_reads_them(tmp_path: Path) -> None:
+    """``weights.check`` (the driver, before Ray) reads and checks the file against a model that holds no
+    memory; ``build_data``, which every worker runs too, does not read it (each worker reads it once,
+    in ``build_model``)."""
+    state = perturbed(torchvision.models.resnet50().state_dict(), seed=3)
+    path = tmp_path / "resnet50.pth"
+    torch.save(state, path)
+    cfg = load(["recipe=coco", "scale=smoke", f"recipe.backbone_weights={path}"])
+    built: list[nn.Module] = []
+
+    def build(c: Config) -> nn.Module:
+        built.append(coco.build_model(c))
+        return built[-1]
+
+    weights.check(cfg, build)
+    (model,) = built
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}  # nothing allocated, nothing loaded
+    weights.check(load(["recipe=coco", "scale=smoke"]), lambda c: pytest.fail("no file named: no model built"))
+    path.unlink()
+    for recipe, c in ((coco, cfg), (imagenet, load(["recipe=imagenet", "scale=smoke", f"recipe.weights={path}"]))):
+        recipe.build_data(c, tmp_path / "cache")  # the file is gone, and nothing asks for it
+        with pytest.raises(ConfigError, match="is not a file"):
+            weights.check(c, recipe.build_model)
 
 
 @pytest.mark.parametrize("how", ["missing", "not-torch", "no-tensors"])
