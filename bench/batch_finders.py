@@ -2,7 +2,7 @@
 
 For each model and budget:
 
-- **exhaustive**: the true maximum (to within 2%), by doubling then bisection, each size in a fresh
+- **exhaustive**: the true maximum (to within 5%), by doubling then bisection, each size in a fresh
   process running 2 optimizer steps (the second with optimizer state allocated) under the budget; a
   size counts as over the budget only when a second fresh process fails at it too (a capped process
   now and then crashes outside torch at a size that fits, and one such failure would lower the
@@ -75,7 +75,7 @@ SCENARIOS: dict[str, tuple[str, list[str], list[float]]] = {
     "bert-base": ("BERT-base encoder (L12 H768, vocab 30522), 32 tokens, AdamW", [
         "recipe=bert", "recipe.seq_len=32"], [2.5]),
 }
-PRECISION = 50  # the bisection stops when the bracket is within 1/50 (2%) of the largest size that fits
+PRECISION = 20  # the bisection stops when the bracket is within 1/20 (5%) of the largest size that fits
 STEPS = 2  # optimizer steps per trial: the second runs with the optimizer state allocated
 
 

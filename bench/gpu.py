@@ -204,10 +204,10 @@ def optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def plain_step(
     model: nn.Module, opt: torch.optim.Optimizer, count: Callable[[Batch], dict[str, int]], device: torch.device,
     grad_clip: float | None,
-) -> Callable[[list[Batch], int], None]:
+) -> Callable[[list[Batch], int, list[Batch] | None], None]:
     """A hand-written step as a plain script has it (bench/plain_ddp.py): per micro-batch mean losses."""
 
-    def step(micro: list[Batch], _step: int) -> None:
+    def step(micro: list[Batch], _step: int, _upcoming: list[Batch] | None) -> None:
         for batch in micro:
             counts = count(batch)
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -224,7 +224,8 @@ def plain_step(
 
 
 def time_paired(
-    sides: dict[str, Callable[[list[Batch], int], Any]], batch: Batch, warmup: int, steps: int, device: torch.device
+    sides: dict[str, Callable[[list[Batch], int, list[Batch] | None], Any]], batch: Batch, warmup: int, steps: int,
+    device: torch.device,
 ) -> tuple[dict[str, float], float]:
     """bench/ranks.py: time_paired in one process: the same micro-batch through both ``sides`` (a, b) at every
     step, in alternating order so neither always goes first; after ``warmup`` steps, (median seconds per
@@ -236,7 +237,7 @@ def time_paired(
         for name, run in ((a, run_a), (b, run_b)) if step % 2 == 0 else ((b, run_b), (a, run_a)):
             sync(device)
             started = time.perf_counter()
-            run([batch], step)
+            run([batch], step, [batch])  # the next step's batch too, as the Trainer passes it
             sync(device)
             if step >= warmup:
                 times[name].append(time.perf_counter() - started)

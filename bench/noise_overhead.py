@@ -48,9 +48,9 @@ def main() -> None:
                               device=device, grad_clip=1.0, need_grad_norm=name == "noise")
     estimator = NoiseScale(b_small=args.micro * args.accum, b_big=args.micro * args.accum * world)
 
-    def run_noise(micro: list[Batch], step: int) -> None:
+    def run_noise(micro: list[Batch], step: int, upcoming: list[Batch] | None) -> None:
         hook.reset()  # as NoiseScaleHook.before_step
-        result = steps["noise"](micro, step)
+        result = steps["noise"](micro, step, upcoming)
         if result.grad_norm is not None:
             estimator.update(result.scalars["noise_local_sq"] / world, result.grad_norm**2)
 

@@ -26,6 +26,31 @@ from launcher.hooks import startup_phases
 from recipes import bert
 
 
+def optimizer(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a 20-step linear warm-up, as a typical script has it."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+
+
+def plain_step(
+    model: DDP, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, micro: list[dict]
+) -> torch.Tensor:
+    """One optimizer step over ``micro`` (this rank's micro-batches): per micro-batch mean losses divided
+    by the accumulation, ``no_sync`` on all but the last backward, clipping at 1.0, AdamW, the schedule.
+    ``bench/step_overhead.py`` times this against the launcher's step. Returns the last micro-step's loss."""
+    for i, batch in enumerate(micro):
+        with model.no_sync() if i < len(micro) - 1 else nullcontext():
+            out = model(batch)
+            counts = bert.count(batch)
+            loss = sum(out[k] / counts[k] for k in out) / len(micro)
+            loss.backward()  # type: ignore[union-attr]
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss  # type: ignore[return-value]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=80)
@@ -48,26 +73,14 @@ def main() -> None:
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, seed=0)
     loader = DataLoader(data.train, batch_size=args.micro, sampler=sampler, collate_fn=data.collate, drop_last=True)
     model = DDP(bert.build_model(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    opt, sched = optimizer(model)
     stamps["model_done_at"] = time.time()
 
     it = iter(loader)
     first_step_s = None
     windows, t0 = [], time.perf_counter()
     for step in range(args.steps):
-        for i in range(args.accum):
-            batch = next(it)
-            ctx = model.no_sync() if i < args.accum - 1 else nullcontext()
-            with ctx:
-                out = model(batch)
-                counts = bert.count(batch)
-                loss = sum(out[k] / counts[k] for k in out) / args.accum
-                loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = plain_step(model, opt, sched, [next(it) for _ in range(args.accum)])
         if first_step_s is None:
             stamps["first_step_done_at"] = time.time()
             first_step_s = stamps["first_step_done_at"] - launched_at

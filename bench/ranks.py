@@ -42,21 +42,28 @@ def bert_smoke(args: argparse.Namespace, *overrides: str) -> tuple[Any, Iterator
 def time_paired(
     args: argparse.Namespace,
     batches: Iterator[dict[str, torch.Tensor]],
-    sides: dict[str, Callable[[list[Any], int], Any]],
+    sides: dict[str, Callable[[list[Any], int, list[Any] | None], Any]],
 ) -> tuple[dict[str, float], float]:
     """Each step's micro-batches through both ``sides`` (a, b), in alternating order so no side always goes
-    first; (median ms per side, median of the per-step ratios b / a), after ``args.warmup`` steps."""
+    first; (median ms per side, median of the per-step ratios b / a), after ``args.warmup`` steps.
+
+    As the Trainer does, the next step's micro-batches are fetched before a step runs: each side is
+    called ``(micro_batches, step, upcoming)``, ``upcoming`` being the next step's (None at the last).
+    Fetching is not timed."""
     import statistics
     import time
 
     (a, run_a), (b, run_b) = sides.items()
     times: dict[str, list[float]] = {a: [], b: []}
-    for step in range(args.warmup + args.steps):
-        micro = [next(batches) for _ in range(args.accum)]
+    total = args.warmup + args.steps
+    upcoming: list[Any] | None = [next(batches) for _ in range(args.accum)]
+    for step in range(total):
+        micro, upcoming = upcoming, [next(batches) for _ in range(args.accum)] if step + 1 < total else None
+        assert micro is not None
         for name, run in ((a, run_a), (b, run_b)) if step % 2 == 0 else ((b, run_b), (a, run_a)):
             dist.barrier()
             started = time.perf_counter()
-            run(micro, step)
+            run(micro, step, upcoming)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - started)
     ratio = statistics.median(y / x for x, y in zip(times[a], times[b], strict=True))

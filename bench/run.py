@@ -1,10 +1,12 @@
-"""``make bench``: the launcher vs torchrun + a plain DDP loop, same model, data and split, CPU;
-then the planner vs Lightning's and Accelerate's batch-size finders (``bench/batch_finders.py``);
-then an elastic run's and a fixed-size run's recovery from a lost node (``bench/resize.py``);
-then BERT data preparation on a generated corpus (``bench/bert_data.py``).
+"""``make bench``: the launcher vs torchrun + a plain DDP loop, same model, data and split, CPU, as whole
+runs (alternating, ``REPEATS`` each) and step against step (``bench/step_overhead.py``); the noise
+scale's cost (``bench/noise_overhead.py``); then the planner vs Lightning's and Accelerate's batch-size
+finders (``bench/batch_finders.py``); then an elastic run's and a fixed-size run's recovery from a lost
+node (``bench/resize.py``); then BERT data preparation on a generated corpus (``bench/bert_data.py``).
 
-Writes ``bench/results/cpu_smoke.json`` and ``bench/results/batch_finders.json`` (numbers,
-commands, device, versions, date) and prints the tables. Run from the repository root.
+Writes ``bench/results/cpu_smoke.json`` (with each part's wall time and the total) and the other
+parts' own results files (numbers, commands, device, versions, date), and prints the tables and the
+total wall time. Run from the repository root.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results"
-STEPS, MICRO, ACCUM = 80, 8, 2
-REPEATS = 2
+T = TypeVar("T")
+# A whole run is mostly start-up: 60 steps (5 windows of 10 after the first) take about 5 of its 35 s. Its
+# throughput moves more from run to run than from window to window, so more steps would buy little.
+STEPS, MICRO, ACCUM = 60, 8, 2
+REPEATS = 3  # whole runs per side, alternating
+PAUSE_S = 3  # between whole runs, so no side inherits another's shutdown
+PAIRED_STEPS, PAIRED_WARMUP = 200, 10  # step against step, and the noise scale's cost
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -80,63 +89,126 @@ def torchrun_run() -> dict:
             "startup": result["startup"], "wall_s": wall}
 
 
-def noise_overhead_run() -> dict:
-    """``train.measure_noise_scale``'s cost: the launcher's train_step with and without it, same batches."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           str(ROOT / "bench" / "noise_overhead.py"), f"--micro={MICRO}", f"--accum={ACCUM}",
+def paired_run(script: str) -> dict:
+    """A paired-step script (``bench/ranks.py: time_paired``) under torchrun on 2 ranks: its JSON line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(ROOT / "bench" / script),
+           f"--micro={MICRO}", f"--accum={ACCUM}", f"--steps={PAIRED_STEPS}", f"--warmup={PAIRED_WARMUP}",
            f"--cache={WORK / 'outputs' / 'cache'}"]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-    return {"command": "torchrun --nproc-per-node=2 bench/noise_overhead.py " + " ".join(cmd[5:]), **result}
+    return {"command": f"torchrun --nproc-per-node=2 bench/{script} " + " ".join(cmd[5:-1]), **result}
 
 
-def main() -> None:
-    import torch
+def step_vs_step_run() -> dict:
+    """The launcher's step (``DDPStep`` as the Trainer calls it) against plain_ddp.py's, same micro-batches."""
+    return paired_run("step_overhead.py")
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    launcher_run()  # warm-up: builds the tokenizer/pairs cache both sides read, and the memory estimate
+
+def noise_overhead_run() -> dict:
+    """``train.measure_noise_scale``'s cost: the launcher's step with and without it, same batches."""
+    return paired_run("noise_overhead.py")
+
+
+def warm_up() -> None:
+    """What every run reads and the first would otherwise build: the tokenizer/pairs cache and the memory estimate."""
+    from launcher.cli import load
+    from recipes import bert
+
+    bert.build_data(load(["scale=smoke"]), WORK / "outputs" / "cache")
+    subprocess.run([sys.executable, "-m", "launcher", "scale=smoke", f"batch.micro_batch={MICRO}", "action=plan"],
+                   cwd=WORK, check=True, capture_output=True, text=True)  # fmt: skip
+
+
+def timed(walls: dict[str, float], part: str, fn: Callable[[], T]) -> T:
+    """``fn()``, its wall time in seconds kept as ``walls[part]``."""
+    started = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        walls[part] = time.perf_counter() - started
+
+
+def script(name: str) -> Callable[[], None]:
+    """``bench/<name>`` run as it is (it writes its own results file and prints its table)."""
+
+    def run() -> None:
+        subprocess.run([sys.executable, str(ROOT / "bench" / name)], cwd=ROOT, check=True)
+
+    return run
+
+
+def whole_runs() -> dict[str, list[dict]]:
     sides = {"plain": torchrun_run, "launcher": launcher_run}
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     for _ in range(REPEATS):  # alternate, with a pause, so no side inherits another's shutdown
         for name, fn in sides.items():
-            time.sleep(10)
+            time.sleep(PAUSE_S)
             runs[name].append(fn())
+    return runs
+
+
+def cpu_smoke(walls: dict[str, float]) -> dict:
+    """The launcher against the plain DDP loop (whole runs, step against step) and the noise scale's cost:
+    ``bench/results/cpu_smoke.json``, its tables printed. Each part's wall time goes to ``walls``."""
+    import torch
+
+    load = os.getloadavg()[0]
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    timed(walls, "warm_up", warm_up)
+    runs = timed(walls, "whole_runs", whole_runs)
     ours, plain = (_median_run(runs[k]) for k in ("launcher", "plain"))
-    noise = noise_overhead_run()
+    step = timed(walls, "step_vs_step", step_vs_step_run)
+    noise = timed(walls, "noise_overhead", noise_overhead_run)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     record = {
         "name": "cpu_smoke",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": f"CPU: {cpu}, {os.cpu_count()} cores; 2 workers (gloo)",
+        "load_average_at_start": load,  # the machine may be shared
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "ray": __import__("ray").__version__, "mlflow": __import__("mlflow").__version__},
-        "method": f"median of {REPEATS} alternating runs each, 10 s apart; steady samples/s = median over "
+        "method": f"median of {REPEATS} alternating runs each, {PAUSE_S} s apart; steady samples/s = median over "
                   "10-step windows after the first",
         "workload": f"BERT smoke (2 layers, hidden 128, seq <= 64), {STEPS} steps, micro {MICRO} x accum {ACCUM} x 2",
         "launcher": ours,
         "torchrun_plain_ddp": plain,
         "throughput_ratio": ours["samples_per_s"] / plain["samples_per_s"],
+        "step_vs_step": step,
         "noise_scale_overhead": noise,
+        "wall_s": dict(walls),  # main() adds the other parts' and the total
     }
-    (RESULTS / "cpu_smoke.json").write_text(json.dumps(record, indent=2) + "\n")  # before the long part
-    finders = batch_finders_run()
+    (RESULTS / "cpu_smoke.json").write_text(json.dumps(record, indent=2) + "\n")  # before the long parts
     print(f"\n{record['workload']}\n{record['device']}\n")
     print("| | time to first step (s) | steady samples/s | wall (s) |\n|---|---|---|---|")
     for name, r in (("launcher", ours), ("torchrun + plain DDP", plain)):
         print(f"| {name} | {r['time_to_first_step_s']:.1f} | {r['samples_per_s']:.1f} | {r['wall_s']:.1f} |")
-    print(f"\nthroughput ratio launcher / plain DDP: {record['throughput_ratio']:.3f}")
+    print(f"\nwhole runs, launcher / plain DDP samples/s: {record['throughput_ratio']:.3f}")
+    print(f"step against step, plain / launcher step time: {step['ratio']:.3f} ({step['step_ms_plain']:.1f} vs "
+          f"{step['step_ms_launcher']:.1f} ms, median of {step['steps']} paired steps)")
     print("\nstart-up, seconds per phase (median):")
     for name, r in (("launcher", ours), ("torchrun + plain DDP", plain)):
         print(f"  {name}: " + ", ".join(f"{k[8:-2]} {v:.2f}" for k, v in r["startup"].items() if k[:8] == "startup_"))
     print(f"noise-scale measurement: {noise['step_ms_with']:.1f} vs {noise['step_ms_without']:.1f} ms per step, "
           f"overhead {100 * noise['overhead']:.2f}% (median of {noise['steps']} paired steps)")
+    return record
+
+
+def main() -> None:
+    started = time.perf_counter()
+    walls: dict[str, float] = {}
+    record = cpu_smoke(walls)
+    finders = timed(walls, "batch_finders", batch_finders_run)
     print(f"batch finders: {finders['rows']} model/budget rows in {finders['out']} ({finders['wall_s']:.0f} s)")
     print("\nfrom a node's loss to the first step after it (bench/resize.py -> bench/results/resize.json):")
-    subprocess.run([sys.executable, str(ROOT / "bench" / "resize.py")], cwd=ROOT, check=True)
+    timed(walls, "resize", script("resize.py"))
     print("\nBERT data preparation (bench/bert_data.py -> bench/results/bert_data.json):")
-    subprocess.run([sys.executable, str(ROOT / "bench" / "bert_data.py")], cwd=ROOT, check=True)
+    timed(walls, "bert_data", script("bert_data.py"))
+    record["wall_s"] = {**walls, "total": time.perf_counter() - started}
+    (RESULTS / "cpu_smoke.json").write_text(json.dumps(record, indent=2) + "\n")
+    print("\nwall time per part (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
+    print(f"make bench: {record['wall_s']['total'] / 60:.1f} min in all (bench/run.py; the tables follow)")
 
 
 if __name__ == "__main__":

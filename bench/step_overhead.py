@@ -1,70 +1,100 @@
-"""The step object against the loop it replaced, step for step: ``torchrun --nproc-per-node=2 bench/step_overhead.py``.
+"""The launcher's step against a plain DDP step, step for step: ``torchrun --nproc-per-node=2 bench/step_overhead.py``.
 
-``--old-loop`` is ``launcher/loop.py`` of an earlier commit (``git show 08cb4ac:launcher/loop.py
-> /tmp/old_loop.py``: the last one with ``train_step``). Two identical DDP models of the BERT
-smoke recipe take the same micro-batches at every step, one through that ``train_step``, one
-through ``launcher/step.py: DDPStep`` with the scalars a training run registers (the graceful
-stop's), in alternating order; the result is the median of the per-step time ratios. Both
-models must stay equal: the script checks their parameters at the end.
-Rank 0 prints one JSON line.
+In one gloo process group, two identical DDP models of the BERT smoke recipe (same seed) take the
+same micro-batches at every step (``bench/ranks.py: time_paired``, alternating which goes first):
+
+- **plain**: ``bench/plain_ddp.py: plain_step``, the loop the whole-run comparison runs under torchrun
+  (per micro-batch mean losses divided by the accumulation, ``no_sync`` on all but the last backward,
+  clipping, AdamW, the lr schedule);
+- **launcher**: ``launcher/step.py: DDPStep`` as the Trainer calls it (``launcher/trainer.py: fit``):
+  with the next step's micro-batches as ``upcoming``, whose unit counts ride in the step's one scalar
+  all-reduce; the scalars a training run registers (the graceful stop's ``stop``); DDP without the
+  per-forward buffer broadcast, as the worker wraps it; then the lr schedule's step.
+
+Both sides use the same optimizer and schedule (``plain_ddp.optimizer``), so the difference is the
+step itself: the launcher's exact global-batch loss normalization, its scalar all-reduce (out of
+memory, stop, the next step's counts), the out-of-memory back-off's bookkeeping, its per-term sums.
+The ratio is the median of the per-step ratios plain time / launcher time (the launcher's share of
+the plain step's throughput). Rank 0 prints one JSON line; ``--profile=FILE`` also writes cProfiles of
+rank 0's steps after the warm-up, one per side (``FILE.launcher``, ``FILE.plain``; ``python -m pstats``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import cProfile
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from ranks import bert_smoke, finish, paired_args, time_paired  # bench/ranks.py (the script's folder is on sys.path)
+from plain_ddp import optimizer, plain_step  # bench/plain_ddp.py (the script's folder is on sys.path)
+from ranks import bert_smoke, finish, paired_args, time_paired  # bench/ranks.py
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.step import Batch, DDPStep, StepScalars
 from recipes import bert
 
+Side = Callable[[list[Batch], int, "list[Batch] | None"], Any]  # (micro-batches, step, the next step's)
 
-def old_loop(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("old_loop", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["old_loop"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+
+def launcher_side(cfg: Any) -> Side:
+    torch.manual_seed(0)
+    model = DDP(bert.build_model(cfg), forward_sync_buffers=False)  # as launcher/worker.py: _engine wraps it
+    opt, sched = optimizer(model)
+    scalars = StepScalars()
+    scalars.register("stop", lambda: 0.0)  # as hooks.GracefulStop registers it on every rank
+    step = DDPStep(model, opt, bert.count, scalars, device=torch.device("cpu"), grad_clip=1.0)
+
+    def run(micro: list[Batch], index: int, upcoming: list[Batch] | None) -> None:  # as Trainer.fit
+        float(sched.get_last_lr()[0])
+        step(micro, index, upcoming)
+        sched.step()
+
+    return run
+
+
+def plain_side(cfg: Any) -> Side:
+    torch.manual_seed(0)
+    model = DDP(bert.build_model(cfg))  # as bench/plain_ddp.py wraps it
+    opt, sched = optimizer(model)
+    return lambda micro, _index, _upcoming: plain_step(model, opt, sched, micro)
+
+
+def profiled(run: Side, warmup: int, profile: cProfile.Profile | None) -> Side:
+    """``run``, its calls after the warm-up under ``profile`` (None: as it is)."""
+    if profile is None:
+        return run
+
+    def side(micro: list[Batch], index: int, upcoming: list[Batch] | None) -> None:
+        if index < warmup:
+            return run(micro, index, upcoming)
+        profile.runcall(run, micro, index, upcoming)
+
+    return side
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--old-loop", type=Path, required=True, help="launcher/loop.py of the commit to compare with")
+    ap.add_argument("--profile", type=Path, help="rank 0: a cProfile of each side's steps to PROFILE.<side>")
     args = paired_args(ap)
-    old = old_loop(args.old_loop)
-    cfg, batches = bert_smoke(args, "recipe.model.dropout=0.0")
-    rank = dist.get_rank()
-    device = torch.device("cpu")
-    models = {}
-    for name in ("old", "new"):
-        torch.manual_seed(0)
-        model = DDP(bert.build_model(cfg))
-        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    scalars = StepScalars()
-    scalars.register("stop", lambda: 0.0)  # as hooks.GracefulStop registers it on every rank
-    new = DDPStep(*models["new"], bert.count, scalars, device=device, grad_clip=1.0)
-    old_model, old_opt = models["old"]
-
-    def run_old(micro: list[Batch], _step: int) -> None:
-        old.train_step(old_model, old_opt, micro, bert.count, device=device, grad_clip=1.0, stop=False)
-
-    ms, ratio = time_paired(args, batches, {"old": run_old, "new": new})
-    same = all(torch.equal(a, b) for a, b in zip(old_model.parameters(), models["new"][0].parameters(), strict=True))
-    if rank == 0:
-        print(json.dumps({
-            "step_ms_old": ms["old"], "step_ms_new": ms["new"],
-            "slowdown": ratio - 1,  # the median of per-step ratios, same micro-batches
-            "steps": args.steps, "same_parameters": same,
-        }))
+    cfg, batches = bert_smoke(args)
+    sides = {"launcher": launcher_side(cfg), "plain": plain_side(cfg)}
+    profiles = {k: cProfile.Profile() if args.profile and dist.get_rank() == 0 else None for k in sides}
+    ms, ratio = time_paired(args, batches, {k: profiled(run, args.warmup, profiles[k]) for k, run in sides.items()})
+    for name, profile in profiles.items():
+        if profile is not None:
+            profile.dump_stats(f"{args.profile}.{name}")
+    if dist.get_rank() == 0:
+        result: dict[str, Any] = {
+            "step_ms_plain": ms["plain"], "step_ms_launcher": ms["launcher"],
+            "ratio": ratio,  # plain / launcher: the median of per-step ratios, same micro-batches
+            "steps": args.steps, "warmup": args.warmup, "micro": args.micro, "accum": args.accum,
+            "world": dist.get_world_size(), "profiled": bool(args.profile),
+        }  # fmt: skip
+        print(json.dumps(result))
     finish()
 
 

@@ -99,9 +99,58 @@ def cpu_smoke_startup(d: Json) -> list[str]:
     return [
         *_head("phase", "launcher", "torchrun + plain DDP"),
         *(_row(name, a.format(**mine), b.format(**theirs)) for name, a, b in STARTUP),
+        _row("the launcher's own phases (all but Ray Train's worker group) against torchrun's whole start-up",
+             f"{sum(float(v) for k, v in mine.items() if k != 'workers'):.2f}",
+             f"{plain['time_to_first_step_s']:.2f}"),
         _row("**command to first optimizer step**", f"**{ours['time_to_first_step_s']:.1f}**",
              f"**{plain['time_to_first_step_s']:.1f}**"),
     ]
+
+
+def cpu_smoke_step(d: Json) -> list[str]:
+    """Step against step in one process group (bench/step_overhead.py), the whole runs' ratio beside it."""
+    s, ours, plain = d["step_vs_step"], d["launcher"], d["torchrun_plain_ddp"]
+    runs = len(ours.get("repeats", [])) or 1
+    return [
+        *_head("", "plain DDP", "launcher", "launcher / plain throughput"),
+        _row(f"step against step: median step time (ms), {s['steps']} paired steps",
+             f"{s['step_ms_plain']:.1f}", f"{s['step_ms_launcher']:.1f}",
+             f"**{s['ratio']:.3f}** (median of the per-step ratios; goal: at least 0.98)"),
+        _row(f"whole runs: steady samples/s, median of {runs} runs each", f"{plain['samples_per_s']:.1f}",
+             f"{ours['samples_per_s']:.1f}", f"**{d['throughput_ratio']:.3f}**"),
+    ]  # fmt: skip
+
+
+PARTS = {"warm_up": "warm-up: the data cache and the memory estimate", "whole_runs": "whole runs, both sides",
+         "step_vs_step": "step against step (`bench/step_overhead.py`)",
+         "noise_overhead": "the noise scale's cost (`bench/noise_overhead.py`)",
+         "batch_finders": "batch-size finders (`bench/batch_finders.py`)",
+         "resize": "node-loss recovery (`bench/resize.py`)",
+         "bert_data": "BERT data preparation (`bench/bert_data.py`)"}  # fmt: skip
+
+
+def cpu_smoke_parts(d: Json) -> list[str]:
+    """``make bench``'s wall time, part by part (bench/run.py)."""
+    walls = d["wall_s"]
+    lines = _head("part", "wall (s)")
+    lines += [_row(name, f"{walls[k]:.0f}") for k, name in PARTS.items() if k in walls]
+    if "total" not in walls:  # bench/run.py: cpu_smoke() run alone
+        return [*lines, _row("**`make bench` in all**", "not measured: only the parts above ran")]
+    return [*lines, _row("**`make bench` in all**", f"**{walls['total']:.0f}** ({walls['total'] / 60:.1f} min)")]
+
+
+def about(d: Json) -> list[str]:
+    """When, where and with what a results file was measured: whichever of those it records."""
+    versions = d.get("versions") or ({"python": d["python"]} if "python" in d else {})
+    load = d.get("load_average_at_start", d.get("load_average"))
+    if isinstance(load, dict):
+        load = f"{load['at_start']:.1f} at the start, {load['at_end']:.1f} at the end"
+    elif load is not None:
+        load = f"{load:.1f} at the start"
+    cells = {"date": d.get("date"), "device": d.get("device"), "load average (1 min)": load,
+             "versions": ", ".join(f"{k} {v}" for k, v in versions.items()) or None,
+             "command": d.get("command")}  # fmt: skip
+    return [*_head("", ""), *(_row(k, f"`{v}`" if k == "command" else v) for k, v in cells.items() if v)]
 
 
 def cpu_smoke_noise(d: Json) -> list[str]:
@@ -109,7 +158,7 @@ def cpu_smoke_noise(d: Json) -> list[str]:
     n = d["noise_scale_overhead"]
     return [
         *_head("", "step time (median, ms)"),
-        _row("`train_step` without the noise scale", f"{n['step_ms_without']:.1f}"),
+        _row("`DDPStep` without the noise scale", f"{n['step_ms_without']:.1f}"),
         _row("with it (per-bucket squared norm before DDP's all-reduce, the global norm, the estimator)",
              f"{n['step_ms_with']:.1f}"),
         _row("overhead", f"**{100 * n['overhead']:.2f}%** (target: under 3%)"),
@@ -280,12 +329,18 @@ def gpu_memory(d: Json) -> list[str]:
 
 
 TABLES: dict[str, Callable[[Json], list[str]]] = {
+    "cpu_smoke:parts": cpu_smoke_parts,
+    "cpu_smoke:about": about,
     "cpu_smoke:throughput": cpu_smoke_throughput,
+    "cpu_smoke:step": cpu_smoke_step,
     "cpu_smoke:startup": cpu_smoke_startup,
     "cpu_smoke:noise": cpu_smoke_noise,
+    "batch_finders:about": about,
     "batch_finders:quality": batch_finders_quality,
     "batch_finders:estimate": batch_finders_estimate,
+    "resize:about": about,
     "resize:recovery": resize_recovery,
+    "bert_data:about": about,
     "bert_data:phases": bert_data_phases,
     "bert_data:compare": bert_data_compare,
     "full_scale:runs": full_scale_runs,

@@ -11,10 +11,11 @@ micro-batch holds.
 
 Collectives per step, beyond DDP's (or ZeRO's) own gradient reduction: one, the step's named
 scalars (``StepScalars``: out-of-memory, a graceful stop, the noise scale's local norm) after
-the micro-steps. The unit counts are needed before the first backward, so they travel one step
-ahead in that all-reduce: the Trainer fetches the next step's micro-batches before running this
-one, and their counts ride with this step's scalars (``Units``). Only a run's first step (or a
-step taken without the next one's batches) all-reduces its own counts first.
+the micro-steps; the gradient's norm and clipping run while it travels. The unit counts are
+needed before the first backward, so they travel one step ahead in that all-reduce: the Trainer
+fetches the next step's micro-batches before running this one, and their counts ride with this
+step's scalars (``Units``). Only a run's first step (or a step taken without the next one's
+batches) all-reduces its own counts first.
 """
 
 from __future__ import annotations
@@ -181,11 +182,25 @@ class StepScalars:
         self._sources[name] = source
 
     def reduce(self, device: torch.device, **local: float) -> dict[str, float]:
+        return self.start(device, **local)()
+
+    def start(self, device: torch.device, **local: float) -> Callable[[], dict[str, float]]:
+        """The all-reduce begun, without waiting for it: what it returns waits, fills ``values`` and gives them.
+
+        The sources are read now; the caller can do work that does not need the sums in the meantime.
+        """
         names = [*local, *self._sources]
-        mine = [*local.values(), *(source() for source in self._sources.values())]
-        summed = all_sum(torch.tensor(mine, dtype=torch.float64, device=device)).tolist()
-        self.values = dict(zip(names, summed, strict=True))
-        return self.values
+        mine = torch.tensor([*local.values(), *(source() for source in self._sources.values())], dtype=torch.float64,
+                            device=device)  # fmt: skip
+        work = dist.all_reduce(mine, async_op=True) if dist.is_initialized() else None
+
+        def wait() -> dict[str, float]:
+            if work is not None:
+                work.wait()
+            self.values = dict(zip(names, mine.tolist(), strict=True))
+            return self.values
+
+        return wait
 
 
 @dataclass
@@ -242,6 +257,7 @@ class DDPStep:
         self.device, self.precision, self.grad_clip = device, precision, grad_clip
         self.need_grad_norm, self.on_back_off, self.guard = need_grad_norm, on_back_off, guard
         self.no_sync = getattr(model, "no_sync", None)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # the ones that can have gradients
         self.world = world_size()
         self.parts = 0  # micro-batches this rank's share is cut into after out-of-memory back-offs; 0: as planned
         self.units = Units(count, device)
@@ -278,21 +294,26 @@ class DDPStep:
                     oom = self._forward_backward(batch, totals, sums, final)
                 if oom and final and self.no_sync is not None:
                     self._stand_in(batch)
-        flags = self.scalars.reduce(self.device, oom=float(oom), **(ahead or {}))
-        if flags["oom"]:
+        reduced = self.scalars.start(self.device, oom=float(oom), **(ahead or {}))
+        norm = self._clip() if self.grad_clip or self.need_grad_norm else None  # while the scalars travel
+        flags = reduced()
+        if flags["oom"]:  # the gradients just clipped are dropped
             self.optimizer.zero_grad(set_to_none=True)
             raise BackOff
         sizes = [batch_size(b) for b in micro_batches]
         result = StepResult(sums, {k: totals[k] for k in sums}, flags, micro_batch=max(sizes), grad_accum=len(sizes))
-        if self.grad_clip or self.need_grad_norm:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if self.grad_clip:
-                nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
-            result.grad_norm = float(norm)
+        result.grad_norm = None if norm is None else float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result
+
+    def _clip(self) -> torch.Tensor:
+        """The (all-reduced) gradient's norm; the gradients clipped to ``grad_clip`` when it is set."""
+        params = [p for p in self.params if p.grad is not None]
+        norm = nn.utils.get_total_norm([p.grad for p in params])  # type: ignore[misc]
+        if self.grad_clip:
+            nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        return norm
 
     def _forward_backward(
         self, batch: Batch, totals: dict[str, float], sums: dict[str, torch.Tensor], final: bool

@@ -59,23 +59,64 @@ def test_a_changed_number_changes_its_table_and_nothing_outside_the_markers(tmp_
     doc, results = copy(tmp_path)
     before = doc.read_text()
     smoke = json.loads((results / "cpu_smoke.json").read_text())
+    old_ratio = f"**{smoke['throughput_ratio']:.3f}**"
     smoke["throughput_ratio"] = 0.5
     smoke["noise_scale_overhead"]["step_ms_with"] = 99.94
+    smoke["step_vs_step"]["ratio"] = 0.4321
     (results / "cpu_smoke.json").write_text(json.dumps(smoke))
+    t = tables()
+    ratio_row = t.cpu_smoke_throughput(smoke)[-1]
+    assert ratio_row.startswith("| launcher / plain |") and "| **0.500** |" in ratio_row
     args = ("--doc", str(doc), "--results", str(results))
 
     stale = check("--check", *args)
-    assert stale.returncode == 1 and "+| launcher / plain | 3.8x slower start | **0.500** | |" in stale.stdout
+    assert stale.returncode == 1 and f"+{ratio_row}" in stale.stdout
     assert doc.read_text() == before  # --check writes nothing
 
     assert check(*args).returncode == 0
     after = doc.read_text()
-    assert "| launcher / plain | 3.8x slower start | **0.500** | |" in after and "**0.910**" not in after
-    assert "| 99.9 |" in after
-    t = tables()
+    assert ratio_row in after and old_ratio not in after.split("<!-- table:cpu_smoke:throughput -->")[1][:2000]
+    assert "| 99.9 |" in after and "**0.432** (median of the per-step ratios" in after
     assert t.MARKED.sub("", after) == t.MARKED.sub("", before)  # the prose as it was
     assert check("--check", *args).returncode == 0  # idempotent
     assert t.render(after, results) == after
+
+
+def test_the_step_table_puts_the_whole_runs_ratio_beside_the_step_ratio() -> None:
+    d = {"step_vs_step": {"steps": 200, "step_ms_plain": 60.04, "step_ms_launcher": 61.0, "ratio": 0.9876},
+         "launcher": {"samples_per_s": 450.0, "repeats": [{}, {}, {}]}, "torchrun_plain_ddp": {"samples_per_s": 500.0},
+         "throughput_ratio": 0.9}  # fmt: skip
+    head, _, step, runs = tables().cpu_smoke_step(d)
+    assert "| step against step: median step time (ms), 200 paired steps | 60.0 | 61.0 | **0.988** " in step
+    assert runs == "| whole runs: steady samples/s, median of 3 runs each | 500.0 | 450.0 | **0.900** |"
+
+
+def test_the_parts_table_gives_each_part_and_the_total_in_minutes() -> None:
+    d = {"wall_s": {"whole_runs": 200.4, "resize": 150.0, "total": 570.0}}
+    lines = tables().cpu_smoke_parts(d)
+    assert lines[2:] == ["| whole runs, both sides | 200 |", "| node-loss recovery (`bench/resize.py`) | 150 |",
+                         "| **`make bench` in all** | **570** (9.5 min) |"]  # fmt: skip
+
+
+def test_the_startup_table_sums_the_launchers_own_phases_without_ray_trains_worker_group() -> None:
+    phases = ["config", "data", "plan", "tracking", "ray", "workers", "worker_data", "worker_model", "first_step"]
+    ours = {"startup": {f"startup_{k}_s": 1.0 for k in phases}, "time_to_first_step_s": 9.0}
+    plain = {"startup": {f"startup_{k}_s": 0.5 for k in ("process", "imports", "process_group", "data", "model",
+                                                          "first_step")}, "time_to_first_step_s": 3.0}  # fmt: skip
+    lines = tables().cpu_smoke_startup({"launcher": ours, "torchrun_plain_ddp": plain})
+    own = "| the launcher's own phases (all but Ray Train's worker group) against torchrun's whole start-up |"
+    assert f"{own} 8.00 | 3.00 |" in lines
+    assert lines[-1] == "| **command to first optimizer step** | **9.0** | **3.0** |"
+
+
+def test_the_about_table_shows_what_a_results_file_records() -> None:
+    about = tables().about
+    lines = about({"date": "2026-12-06", "device": "CPU", "load_average": {"at_start": 1.25, "at_end": 3.0},
+                   "versions": {"torch": "2.14.1"}, "command": "python bench/x.py"})  # fmt: skip
+    assert lines[2:] == ["| date | 2026-12-06 |", "| device | CPU |",
+                         "| load average (1 min) | 1.2 at the start, 3.0 at the end |", "| versions | torch 2.14.1 |",
+                         "| command | `python bench/x.py` |"]  # fmt: skip
+    assert about({"date": "d", "python": "3.11.7"})[2:] == ["| date | d |", "| versions | python 3.11.7 |"]
 
 
 def test_a_results_file_without_markers_fails_the_check(tmp_path: Path) -> None:

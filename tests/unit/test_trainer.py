@@ -349,26 +349,29 @@ def test_oom_back_off_notice_says_what_changed() -> None:
     assert name == "oom/step_1.json" and (record["micro_batch"], record["grad_accum"], record["to"]) == (32, 3, "32x3")
 
 
-def _one_rank_runs_out(rank: int, limit: int) -> tuple[torch.Tensor, int, list[tuple[int, int, str, str]]]:
+def _one_rank_runs_out(
+    rank: int, limit: int, clip: float | None
+) -> tuple[torch.Tensor, int, list[tuple[int, int, str, str]]]:
     model = nn.parallel.DistributedDataParallel(lin())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     events: list[dict[str, Any]] = []
     guard = Faults(memory_limit=limit if rank == 1 else 0).memory_guard  # only rank 1 runs out
     step = DDPStep(model, opt, count, StepScalars(), device=torch.device("cpu"), on_back_off=events.append,
-                   guard=guard)
+                   guard=guard, grad_clip=clip)
     step([next(stream(96, seed=10 + rank))], 0)
     return flat(model.module), step.parts, oom_events(events)
 
 
-def test_an_oom_on_one_rank_backs_off_every_rank_together() -> None:
-    out = spawn_gloo(_one_rank_runs_out, 2, 40 * saved_per_sample())  # 32 samples fit on rank 1, 48 do not
+@pytest.mark.parametrize("clip", [None, 1.0])  # 1.0 clips (the norm is 1.31): rank 0 clips its gradient, then drops it
+def test_an_oom_on_one_rank_backs_off_every_rank_together(clip: float | None) -> None:
+    out = spawn_gloo(_one_rank_runs_out, 2, 40 * saved_per_sample(), clip)  # 32 samples fit on rank 1, 48 do not
     (w0, parts0, e0), (w1, parts1, e1) = out[0], out[1]
     assert (parts0, parts1) == (3, 3)  # both learned each out-of-memory from the one all-reduce
     assert e0 == e1 == [(1, 96, "96x1", "48x2"), (1, 48, "48x2", "32x3")]
     single = lin()
     both = {k: torch.cat([next(stream(96, seed=10))[k], next(stream(96, seed=11))[k]]) for k in ("x", "y")}
     DDPStep(single, torch.optim.SGD(single.parameters(), lr=0.1), count, StepScalars(),
-            device=torch.device("cpu"))([both], 0)
+            device=torch.device("cpu"), grad_clip=clip)([both], 0)
     torch.testing.assert_close(w0, w1)  # the same step on both ranks
     torch.testing.assert_close(w0, flat(single))  # and the step of the whole global batch in one process
 
