@@ -223,10 +223,10 @@ def trial(setup: Setup, budget_gb: float, n: int) -> dict[str, Any]:
     return _capped(setup, budget_gb, body)
 
 
-def exhaustive(setup: Setup, budget_gb: float, start: int = 2) -> dict[str, Any]:
+def exhaustive(setup: Setup, budget_gb: float, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """Doubling, then bisection; every size in its own fresh process (no state left by an OOM). ``start``: a
-    size already seen to fit in such a process (2: not known)."""
-    started, trials = time.perf_counter(), []
+    trial (``trial``'s result) that fitted, the search's lower end (None: from 2)."""
+    started, trials = time.perf_counter(), [] if start is None else [{**start, "from": "planner"}]
 
     def once(n: int) -> bool:
         r = trial(setup, budget_gb, n)
@@ -246,9 +246,10 @@ def exhaustive(setup: Setup, budget_gb: float, start: int = 2) -> dict[str, Any]
         # So a failure counts only when a second fresh process fails at that size too.
         return once(n) or once(n)
 
-    if start <= 2 and not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
+    if start is None and not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
         return {"max": 0, "trials": len(trials), "steps": STEPS, "seconds": time.perf_counter() - started}
-    lo, hi = start, 2 * start
+    lo = 2 if start is None else start["n"]
+    hi = 2 * lo
     while fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > max(1, lo // PRECISION):
@@ -256,20 +257,23 @@ def exhaustive(setup: Setup, budget_gb: float, start: int = 2) -> dict[str, Any]
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     peak = max((t["peak_gb"] for t in trials if t["fits"] and t["n"] == lo), default=None)
     flaky = sorted({t["n"] for t in trials if not t["fits"]} & {t["n"] for t in trials if t["fits"]})
-    return {"max": lo, "first_oom": hi, "start": start, "trials": len(trials), "steps": STEPS * len(trials),
+    return {"max": lo, "first_oom": hi, "start": trials[0]["n"] if start else 2, "trials": len(trials),
+            "steps": STEPS * len(trials),
             "peak_gb_at_max": peak, "flaky_sizes": flaky, "seconds": time.perf_counter() - started, "sizes": trials}
 
 
 def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
     """The launcher's bound: hardware = one CPU worker with ``budget_gb``; memory from the estimate; at the
     default ``planner.headroom`` and at 0, each size then run under the cap."""
-    from launcher import memory
-    from launcher.planner import plan, request_from_config
-
     cfg = load([*setup.overrides, "cluster.num_workers=1", f"cluster.gpu_memory_gb={budget_gb}",
                 "batch.global_batch=65536"])
 
     def child() -> dict[str, Any]:
+        # imported here, not in the parent: with torch's fake-tensor modules imported before the fork,
+        # Accelerate's in-process retries all failed after the first out-of-memory (ResNet-50 at 1 GB)
+        from launcher import memory
+        from launcher.planner import plan, request_from_config
+
         torch.set_num_threads(2)
         with tempfile.TemporaryDirectory() as cache:  # measure the estimate, not a cache read
             os.environ["LAUNCHER_CACHE"] = cache
@@ -294,9 +298,8 @@ def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
             check = {**trial(setup, budget_gb, result[key]), "first_check": check}
         checks[key] = check
     return {**result, "fits": checks["max"].get("fits"), "measured_peak_gb_at_max": checks["max"].get("peak_gb"),
-            "fits_headroom_0": checks["max_headroom_0"].get("fits"),
-            "check": {k: v for k, v in checks["max"].items() if k != "fits"},
-            "check_headroom_0": {k: v for k, v in checks["max_headroom_0"].items() if k != "fits"}}
+            "fits_headroom_0": checks["max_headroom_0"].get("fits"), "check": checks["max"],
+            "check_headroom_0": checks["max_headroom_0"]}
 
 
 def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:
@@ -392,8 +395,8 @@ def run_scenario(name: str, overrides: list[str], budget_gb: float) -> dict[str,
     setup = Setup(overrides)
     row: dict[str, Any] = {"scenario": name, "overrides": overrides, "budget_gb": budget_gb}
     p = row["planner"] = planner(setup, budget_gb)
-    shown = [p[key] for key, ok in (("max", "fits"), ("max_headroom_0", "fits_headroom_0")) if p.get(ok)]
-    row["exhaustive"] = exhaustive(setup, budget_gb, start=max([2, *shown]))
+    fitted = [p[key] for key in ("check", "check_headroom_0") if p.get(key, {}).get("fits")]
+    row["exhaustive"] = exhaustive(setup, budget_gb, start=max(fitted, key=lambda t: t["n"], default=None))
     row["lightning_power"] = lightning(setup, budget_gb, "power")
     row["lightning_binsearch"] = lightning(setup, budget_gb, "binsearch")
     row["accelerate"] = accelerate(setup, budget_gb)
