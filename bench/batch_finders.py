@@ -2,14 +2,17 @@
 
 For each model and budget:
 
-- **exhaustive**: the true maximum (to within 5%), by doubling then bisection, each size in a fresh
-  process running 2 optimizer steps (the second with optimizer state allocated) under the budget; a
-  size counts as over the budget only when a second fresh process fails at it too (a capped process
-  now and then crashes outside torch at a size that fits, and one such failure would lower the
-  maximum found); every trial is in the JSON (``sizes``), disagreeing ones in ``flaky_sizes``;
 - **planner**: the launcher's memory bound (``plan.max_micro_batch``) from its device-free
-  estimate (no training step), then checked by running that size in a fresh capped process (a
-  failure checked once more, as above);
+  estimate (no training step), at the default ``planner.headroom`` and at 0, each then checked by running
+  that size in a fresh capped process (a failure checked once more, as below);
+- **exhaustive**: the true maximum (to within 5%), by doubling then bisection, each size in a fresh
+  process running 2 optimizer steps (the second with optimizer state allocated) under the budget; it
+  starts from the largest size the planner's checks ran under the cap (2 when neither fit), so a size
+  shown to fit is never above the maximum it finds; a size counts as over the budget only when a second
+  fresh process fails at it too (a capped process now and then crashes outside torch at a size that
+  fits, and one such failure would lower the maximum found), and a failure in a process that started a
+  thread under the cap (whose stack the budget then paid for) is run again; every trial is in the JSON
+  (``sizes``), disagreeing ones in ``flaky_sizes``;
 - **lightning**: ``Tuner.scale_batch_size`` (defaults: ``mode="power"``, 3 steps per trial), and
   its ``mode="binsearch"``;
 - **accelerate**: ``find_executable_batch_size`` (default start 128, x0.9 per OOM) around a
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import gc
 import json
@@ -219,12 +223,15 @@ def trial(setup: Setup, budget_gb: float, n: int) -> dict[str, Any]:
     return _capped(setup, budget_gb, body)
 
 
-def exhaustive(setup: Setup, budget_gb: float) -> dict[str, Any]:
-    """Doubling, then bisection; every size in its own fresh process (no state left by an OOM)."""
-    started, trials = time.perf_counter(), []
+def exhaustive(setup: Setup, budget_gb: float, start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Doubling, then bisection; every size in its own fresh process (no state left by an OOM). ``start``: a
+    trial (``trial``'s result) that fitted, the search's lower end (None: from 2)."""
+    started, trials = time.perf_counter(), [] if start is None else [{**start, "from": "planner"}]
 
     def once(n: int) -> bool:
         r = trial(setup, budget_gb, n)
+        if not r.get("fits") and r.get("threads", [0, 0])[1] > r.get("threads", [0, 0])[0]:
+            r = {**trial(setup, budget_gb, n), "threads_grew": r}  # the budget paid for a new thread's stack
         if r.get("died"):  # killed outright (e.g. a crash in a library whose allocation failed outside torch)
             r = {"n": n, "fits": False, "died": r["error"]}
         elif "error" in r:
@@ -239,9 +246,10 @@ def exhaustive(setup: Setup, budget_gb: float) -> dict[str, Any]:
         # So a failure counts only when a second fresh process fails at that size too.
         return once(n) or once(n)
 
-    if not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
+    if start is None and not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
         return {"max": 0, "trials": len(trials), "steps": STEPS, "seconds": time.perf_counter() - started}
-    lo, hi = 2, 4
+    lo = 2 if start is None else start["n"]
+    hi = 2 * lo
     while fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > max(1, lo // PRECISION):
@@ -249,38 +257,49 @@ def exhaustive(setup: Setup, budget_gb: float) -> dict[str, Any]:
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     peak = max((t["peak_gb"] for t in trials if t["fits"] and t["n"] == lo), default=None)
     flaky = sorted({t["n"] for t in trials if not t["fits"]} & {t["n"] for t in trials if t["fits"]})
-    return {"max": lo, "first_oom": hi, "trials": len(trials), "steps": STEPS * len(trials), "peak_gb_at_max": peak,
-            "flaky_sizes": flaky, "seconds": time.perf_counter() - started, "sizes": trials}
+    return {"max": lo, "first_oom": hi, "start": trials[0]["n"] if start else 2, "trials": len(trials),
+            "steps": STEPS * len(trials),
+            "peak_gb_at_max": peak, "flaky_sizes": flaky, "seconds": time.perf_counter() - started, "sizes": trials}
 
 
 def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
-    """The launcher's bound: hardware = one CPU worker with ``budget_gb``; memory from the estimate."""
-    from launcher import memory
-    from launcher.planner import plan, request_from_config
-
+    """The launcher's bound: hardware = one CPU worker with ``budget_gb``; memory from the estimate; at the
+    default ``planner.headroom`` and at 0, each size then run under the cap."""
     cfg = load([*setup.overrides, "cluster.num_workers=1", f"cluster.gpu_memory_gb={budget_gb}",
                 "batch.global_batch=65536"])
 
     def child() -> dict[str, Any]:
+        # imported here, not in the parent: with torch's fake-tensor modules imported before the fork,
+        # Accelerate's in-process retries all failed after the first out-of-memory (ResNet-50 at 1 GB)
+        from launcher import memory
+        from launcher.planner import plan, request_from_config
+
         torch.set_num_threads(2)
         with tempfile.TemporaryDirectory() as cache:  # measure the estimate, not a cache read
             os.environ["LAUNCHER_CACHE"] = cache
             started = time.perf_counter()
             hw = memory.detect_hardware(cfg.cluster)
             mem = memory.memory_profile(cfg, setup.recipe, hw)
-            p = plan(request_from_config(cfg), hw, mem)
-            return {"max": p.max_micro_batch, "steps": 0, "seconds": time.perf_counter() - started,
-                    "estimated_gb_at_max": mem.model_gb + p.max_micro_batch * mem.per_sample_gb,
-                    "per_sample_gb": mem.per_sample_gb, "model_states_gb": mem.model_gb, "source": mem.source}
+            request = request_from_config(cfg)
+            p = plan(request, hw, mem)
+            seconds = time.perf_counter() - started
+            bare = plan(dataclasses.replace(request, headroom=0.0), hw, mem)
+            return {"max": p.max_micro_batch, "headroom": request.headroom, "max_headroom_0": bare.max_micro_batch,
+                    "steps": 0, "seconds": seconds, "per_sample_gb": mem.per_sample_gb,
+                    "model_states_gb": mem.model_gb, "source": mem.source, "detail": mem.detail}
 
     result = _forked(child)
     if "error" in result:
         return result
-    check = trial(setup, budget_gb, result["max"])
-    if not check.get("fits"):  # as in the exhaustive search: an over-budget size fails a second time too
-        check = {**trial(setup, budget_gb, result["max"]), "first_check": check}
-    return {**result, "fits": check.get("fits"), "measured_peak_gb_at_max": check.get("peak_gb"),
-            "check": {k: v for k, v in check.items() if k != "fits"}}
+    checks = {}
+    for key in ("max", "max_headroom_0"):
+        check = trial(setup, budget_gb, result[key])
+        if not check.get("fits"):  # as in the exhaustive search: an over-budget size fails a second time too
+            check = {**trial(setup, budget_gb, result[key]), "first_check": check}
+        checks[key] = check
+    return {**result, "fits": checks["max"].get("fits"), "measured_peak_gb_at_max": checks["max"].get("peak_gb"),
+            "fits_headroom_0": checks["max_headroom_0"].get("fits"), "check": checks["max"],
+            "check_headroom_0": checks["max_headroom_0"]}
 
 
 def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:
@@ -375,22 +394,27 @@ class _Repeat(torch.utils.data.Dataset):
 def run_scenario(name: str, overrides: list[str], budget_gb: float) -> dict[str, Any]:
     setup = Setup(overrides)
     row: dict[str, Any] = {"scenario": name, "overrides": overrides, "budget_gb": budget_gb}
-    row["exhaustive"] = exhaustive(setup, budget_gb)
-    row["planner"] = planner(setup, budget_gb)
+    p = row["planner"] = planner(setup, budget_gb)
+    fitted = [p[key] for key in ("check", "check_headroom_0") if p.get(key, {}).get("fits")]
+    row["exhaustive"] = exhaustive(setup, budget_gb, start=max(fitted, key=lambda t: t["n"], default=None))
     row["lightning_power"] = lightning(setup, budget_gb, "power")
     row["lightning_binsearch"] = lightning(setup, budget_gb, "binsearch")
     row["accelerate"] = accelerate(setup, budget_gb)
-    true_max = row["exhaustive"]["max"]
+    true = row["exhaustive"]
     for method in ("planner", "lightning_power", "lightning_binsearch", "accelerate"):
         found = row[method].get("max")
-        row[method]["of_true_max"] = found / true_max if found and true_max else None
+        row[method]["of_true_max"] = found / true["max"] if found and true["max"] else None
+    if "error" not in p and true["max"] and true.get("peak_gb_at_max"):
+        p["of_true_max_headroom_0"] = p["max_headroom_0"] / true["max"]
+        p["predicted_gb_at_true_max"] = p["model_states_gb"] + true["max"] * p["per_sample_gb"]
+        p["predicted_over_measured"] = p["predicted_gb_at_true_max"] / true["peak_gb_at_max"]
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | budget | true max (trials) | planner: bound, of max, steps, fits | "
+    head = ("| model | budget | true max (trials) | planner: bound, of max, steps, fits | planner at headroom 0 | "
             "Lightning power: found, of max, steps | Lightning binsearch | Accelerate: found, of max, steps |")
-    lines = [head, "|" + "---|" * 7]
+    lines = [head, "|" + "---|" * 8]
 
     def cell(r: dict[str, Any]) -> str:
         if "error" in r:
@@ -400,9 +424,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     for row in rows:
         p, true = row["planner"], row["exhaustive"]
-        planner = "error" if "error" in p else f"{cell(p)}, {'fits' if p.get('fits') else 'OOM'}"
+        planner = bare = "error"
+        if "error" not in p:
+            planner = f"{cell(p)}, {'fits' if p.get('fits') else 'OOM'}"
+            share = f"{p['of_true_max_headroom_0']:.0%}" if p.get("of_true_max_headroom_0") else "-"
+            bare = f"{p['max_headroom_0']}, {share}, {'fits' if p.get('fits_headroom_0') else 'OOM'}"
         lines.append(
-            f"| {row['scenario']} | {row['budget_gb']:g} GB | {true['max']} ({true['trials']}) | {planner} "
+            f"| {row['scenario']} | {row['budget_gb']:g} GB | {true['max']} ({true['trials']}) | {planner} | {bare} "
             f"| {cell(row['lightning_power'])} | {cell(row['lightning_binsearch'])} | {cell(row['accelerate'])} |"
         )
     return "\n".join(lines)

@@ -178,14 +178,22 @@ def batch_finders_quality(d: Json) -> list[str]:
     def found(r: Json) -> str:
         return "error" if "error" in r else f"{r['max']}, {_share(r)}, {r['steps']} steps, {r['seconds']:.1f} s"
 
+    def fits(ok: Any) -> str:
+        return "fits" if ok else "OOM"
+
     lines = _head("model", "budget", "true max (trials)", "planner: bound, share of max, steps, fits",
-                  "Lightning `power`: found, share, steps, time", "Lightning `binsearch`", "Accelerate")
+                  "planner at `planner.headroom=0`", "Lightning `power`: found, share, steps, time",
+                  "Lightning `binsearch`", "Accelerate")
     for row in d["rows"]:
         p, true = row["planner"], row["exhaustive"]
-        planner = "error" if "error" in p else (
-            f"{p['max']}, {_share(p)}, {p['steps']} steps ({p['seconds']:.1f} s), {'fits' if p.get('fits') else 'OOM'}")
+        planner = bare = "error"
+        if "error" not in p:
+            planner = f"{p['max']}, {_share(p)}, {p['steps']} steps ({p['seconds']:.1f} s), {fits(p.get('fits'))}"
+            share = p.get("of_true_max_headroom_0")
+            bare = f"{p['max_headroom_0']}, {f'{share:.0%}' if share else '-'}, {fits(p.get('fits_headroom_0'))}"
         lines.append(_row(row["scenario"], f"{row['budget_gb']:g} GB", f"{true['max']} ({true['trials']})", planner,
-                          found(row["lightning_power"]), found(row["lightning_binsearch"]), found(row["accelerate"])))
+                          bare, found(row["lightning_power"]), found(row["lightning_binsearch"]),
+                          found(row["accelerate"])))
     return lines
 
 
@@ -205,17 +213,46 @@ def measured_fit(row: Json) -> tuple[float, float] | None:
 
 def batch_finders_estimate(d: Json) -> list[str]:
     """The device-free estimate against the capped peaks, per model."""
-    lines = _head("model", "bytes per sample: estimate / measured", "model states: estimate / measured fixed part")
+    lines = _head("model", "peak at the true max: predicted / measured", "bytes per sample: estimate / measured",
+                  "fixed part: estimate / measured")
     for row in d["rows"]:
-        p, fit = row["planner"], measured_fit(row)
+        p, true, fit = row["planner"], row["exhaustive"], measured_fit(row)
         name = FINDER_MODELS.get(row["scenario"], row["scenario"])
-        if "error" in p or fit is None:
-            lines.append(_row(name, "-", "-"))
+        if "error" in p or fit is None or not p.get("predicted_gb_at_true_max"):
+            lines.append(_row(name, "-", "-", "-"))
             continue
         slope, fixed = fit
-        lines.append(_row(name, f"{1024 * p['per_sample_gb']:.1f} / {1024 * slope:.1f} MB "
-                                f"({p['per_sample_gb'] / slope - 1:+.0%})",
-                          f"{p['model_states_gb']:.3f} / {fixed:.3f} GB ({p['model_states_gb'] / fixed - 1:+.0%})"))
+        lines.append(_row(
+            name,
+            f"{p['predicted_gb_at_true_max']:.3f} / {true['peak_gb_at_max']:.3f} GB "
+            f"({p['predicted_over_measured'] - 1:+.1%})",
+            f"{1024 * p['per_sample_gb']:.1f} / {1024 * slope:.1f} MB ({p['per_sample_gb'] / slope - 1:+.0%})",
+            f"{p['model_states_gb']:.3f} / {fixed:.3f} GB ({p['model_states_gb'] / fixed - 1:+.0%})",
+        ))
+    return lines
+
+
+# ---------------------------------------------------------------- memory_trackers.json (bench/memory_trackers.py)
+
+
+def memory_trackers_compare(d: Json) -> list[str]:
+    """Three accountings of the step's memory against the capped peak, at the measured true maximum."""
+
+    def gb(r: Json, key: str) -> str:
+        if r.get(key) is None:
+            return "-"
+        off = f" ({r[key] / r['measured_gb'] - 1:+.1%})" if r.get("measured_gb") else ""
+        return f"{r[key]:.3f}{off}"
+
+    lines = _head("model", "micro-batch", "measured peak (GB)", "states + saved (the old estimate)",
+                  "MemTracker, one step (s)", "`Timeline`, one step (s)", "the estimate (fitted line)")
+    for r in d["rows"]:
+        name = FINDER_MODELS.get(r["scenario"], "Mask R-CNN, 800 px" if r["scenario"] == "coco" else r["scenario"])
+        mt = ("fails: " + r["memtracker_error"]) if r.get("memtracker_error") else (
+            f"{gb(r, 'memtracker_gb')}, {r['memtracker_step_s']:.2f} s")
+        lines.append(_row(name, r["true_max"], f"{r['measured_gb']:.3f}" if r.get("measured_gb") else "-",
+                          gb(r, "states_plus_saved_gb"), mt, f"{gb(r, 'timeline_gb')}, {r['timeline_step_s']:.2f} s",
+                          gb(r, "estimate_gb")))
     return lines
 
 
@@ -338,6 +375,7 @@ TABLES: dict[str, Callable[[Json], list[str]]] = {
     "batch_finders:about": about,
     "batch_finders:quality": batch_finders_quality,
     "batch_finders:estimate": batch_finders_estimate,
+    "memory_trackers:compare": memory_trackers_compare,
     "resize:about": about,
     "resize:recovery": resize_recovery,
     "bert_data:about": about,

@@ -4,9 +4,8 @@ Outside tests none of these variables is set and ``from_env()`` returns ``Faults
 parts are no-ops; nothing on a hot path reads the environment.
 
 - ``LAUNCHER_INJECT_MEMORY_LIMIT=<bytes>``: a forward pass that makes autograd save more
-  than that many bytes of activations (counted as the memory estimate counts them,
-  ``memory.SavedBytes``) raises ``torch.OutOfMemoryError``, as a device would, so the
-  out-of-memory back-off runs on CPU.
+  than that many bytes of activations (``SavedBytes``: each saved storage once) raises
+  ``torch.OutOfMemoryError``, as a device would, so the out-of-memory back-off runs on CPU.
 - ``LAUNCHER_INJECT_CHECKPOINT_KILL=<step>:<marker file>``: the process writing the
   checkpoint of that step is SIGKILLed halfway through writing ``state.pt``, once (the
   marker file says it happened).
@@ -20,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,30 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+class SavedBytes:
+    """Bytes autograd saves for backward (a ``saved_tensors_hooks`` pack hook), each tensor once:
+    a ReLU output that the next layer also saves counts once; a view counts the bytes it spans;
+    parameters (``skip``) do not count."""
+
+    def __init__(self, skip: Iterable[torch.Tensor] = ()) -> None:
+        self.skip = {p.data_ptr() for p in skip}
+        self.seen: set[tuple[int, ...]] = set()
+        self.total = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:  # sparse or storage-less: no address to share
+            ptr = 0
+        if ptr and ptr in self.skip:
+            return t
+        key = (ptr, t.numel(), t.element_size()) if ptr else (id(t),)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += t.numel() * t.element_size()
+        return t
 
 
 @dataclass(frozen=True)
@@ -47,8 +71,6 @@ class Faults:
         """Around a forward pass: raises an out-of-memory past ``memory_limit``."""
         if not self.memory_limit:
             return nullcontext()
-        from launcher.memory import SavedBytes
-
         saved, limit = SavedBytes(model.parameters()), self.memory_limit
 
         def pack(t: torch.Tensor) -> torch.Tensor:

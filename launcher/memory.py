@@ -7,9 +7,10 @@ The profile comes from, in order of preference:
    steps at two micro-batch sizes in a child process (so the driver never holds a CUDA
    context), peak memory fitted linearly; an OOM stays in the child. Cached per model,
    device and torch version, and shipped to every rank inside the plan, so all agree;
-3. a device-free estimate: parameter, gradient and optimizer-state bytes counted from the
-   model, activation bytes per sample from the tensors autograd saves during a CPU forward
-   pass at micro-batch 1 and 2 (``torch.autograd.graph.saved_tensors_hooks``), cached.
+3. a device-free estimate: the peak of one training step's memory timeline (parameters, optimizer state,
+   activations, gradients and temporaries, each alive from the op that makes it until it is freed), traced
+   under ``FakeTensorMode`` (shapes, no data, no compute: seconds even for Mask R-CNN at 800 px) at two
+   micro-batch sizes and fitted linearly; cached.
 
 The same forward passes count the step's FLOPs (``torch.utils.flop_counter.FlopCounterMode``;
 backward = 2x forward), and the GPU probe times its steps: the planner's step time and time to
@@ -26,16 +27,26 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from launcher.config import Cluster, Config, to_dict, validate
 from launcher.devices import GPUS, gpu_type_of
-from launcher.planner import Hardware, MemoryProfile
+from launcher.planner import MICRO_BATCH_LIMIT, Hardware, MemoryProfile
 from launcher.weights import without_weights
 
 GB = 1024**3
@@ -253,7 +264,7 @@ def _probe_here(cfg: Config) -> dict[str, dict[int, float | str]]:
     return {"peak": peaks, "step_s": step_s}
 
 
-CACHE_VERSION = 5  # bumped when the estimate or probe method changes, so no stale profile is read
+CACHE_VERSION = 6  # bumped when the estimate or probe method changes, so no stale profile is read
 
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
 
@@ -269,27 +280,46 @@ def estimate(cfg: Config, recipe: Any) -> MemoryProfile:
     if cache.exists():
         return MemoryProfile(**json.loads(cache.read_text()))
     optimizer = cfg.recipe.reference.optimizer
-    model = recipe.build_model(cfg)
+    model = recipe.trace_model(cfg)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     states = OPTIMIZER_STATES[optimizer] * trainable
-    per_sample, flops, flops_detail = _trace(model, recipe, cfg)
-    profile = MemoryProfile(
-        params_gb=params / GB,
-        grads_gb=trainable / GB,
-        optimizer_gb=states / GB,
-        per_sample_gb=max(per_sample, 1) / GB,
+    try:
+        peaks, flops, flops_detail = _trace(model, recipe, cfg, params + trainable + states)
+    except (DynamicOutputShapeException, DataDependentOutputException) as e:
+        raise ValueError(
+            f"planner.memory.model_gb and planner.memory.per_sample_gb: the memory estimate traces recipe "
+            f"{cfg.recipe.name}'s model under fake tensors (shapes, no values), and it picks a size from a value "
+            f"only a real run has ({e.func}); give both keys (a measured profile), or give the recipe a "
+            "trace_model that takes the largest such size (as recipes/coco.py does)"
+        ) from None
+    (a, pa), (b, pb) = sorted(peaks.items())
+    per_sample = max(pb - pa, 1) / (b - a)
+    fixed = max(pa - a * per_sample, 1)
+    counted = MemoryProfile(params_gb=params / GB, grads_gb=trainable / GB, optimizer_gb=states / GB,
+                            per_sample_gb=per_sample / GB, source="estimate")  # fmt: skip
+    profile = _scaled(
+        counted,
+        fixed / GB,
+        per_sample / GB,
         source="estimate",
         detail=(
-            f"device-free: {params / GB:.3g} GB params, {trainable / GB:.3g} GB grads, {states / GB:.3g} GB "
-            f"{optimizer} state (fp32); activations autograd saves per sample, traced on CPU at the recipe's "
-            "full input size in fp32 (temporaries not counted: planner.headroom covers them)"
+            f"device-free: the peak of one training step's memory timeline (forward, backward, {optimizer} step "
+            f"with its state allocated; {_optimizer_name(optimizer)} as torch runs it on CPU), traced in fp32 under "
+            f"fake tensors at micro-batch {a} ({pa / GB:.3g} GB) and {b} ({pb / GB:.3g} GB), fitted linearly: "
+            f"{fixed / GB:.3g} GB fixed (split as the counted {params / GB:.3g} GB params : {trainable / GB:.3g} GB "
+            f"grads : {states / GB:.3g} GB {optimizer} state), {per_sample / GB:.3g} GB per sample; scratch memory "
+            "inside kernels (convolution workspaces), DDP's gradient buckets and gradients kept across accumulation "
+            "micro-steps not traced: planner.headroom covers them"
         ),
-        flops_per_sample=flops,
-        flops_detail=flops_detail,
     )
+    profile = dataclasses.replace(profile, flops_per_sample=flops, flops_detail=flops_detail)
     _write(cache, profile)
     return profile
+
+
+def _optimizer_name(optimizer: str) -> str:
+    return "AdamW" if OPTIMIZER_STATES[optimizer] == 2 else "SGD with momentum"
 
 
 def _cache_path(cfg: Config, kind: str, *extra: str) -> Path:
@@ -313,33 +343,83 @@ def _write(cache: Path, profile: MemoryProfile) -> None:
     tmp.replace(cache)
 
 
-class SavedBytes:
-    """Bytes autograd saves for backward (a ``saved_tensors_hooks`` pack hook), each tensor once:
-    a ReLU output that the next layer also saves counts once; a view counts the bytes it spans;
-    parameters (``skip``) do not count."""
+class Timeline(TorchDispatchMode):
+    """The bytes of live tensor storages after every op, and their peak: a training step's memory timeline.
 
-    def __init__(self, skip: Iterable[torch.Tensor] = ()) -> None:
-        self.skip = {p.data_ptr() for p in skip}
-        self.seen: set[tuple[int, ...]] = set()
-        self.total = 0
+    Above a ``FakeTensorMode``: an op whose tensors are all real (the batch and what is computed from it
+    alone: masks, image sizes, box targets; constants) runs for real, so code that branches on the batch's
+    values traces; an op touching a fake tensor (a parameter, an activation) runs fake: shapes, no data, no
+    compute. A boolean mask from the batch indexing a fake tensor is turned into its (real) indices first,
+    so the result's size is known. Each storage counts once (a view adds nothing), real or fake, from the
+    op that made it until it is freed (``track`` adds tensors made before the step: parameters, optimizer
+    state, the batch). ``torch.distributed._tools.mem_tracker.MemTracker`` keeps the same timeline and more
+    (per-module snapshots): the same peaks, 4 to 6 times slower, and it stops on frozen parameters
+    (docs/planner.md, "The memory estimate").
+    """
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            ptr = t.data_ptr()
-        except RuntimeError:  # sparse or storage-less: no address to share
-            ptr = 0
-        if ptr and ptr in self.skip:
-            return t
-        key = (ptr, t.numel(), t.element_size()) if ptr else (id(t),)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.total += t.numel() * t.element_size()
-        return t
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage in self._seen:
+            return
+        self._seen[storage] = True
+        nbytes = storage.nbytes()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, nbytes)
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not any(isinstance(t, FakeTensor) for t in tree_leaves((args, kwargs))):
+            with unset_fake_temporarily():
+                out = func(*args, **kwargs)
+        else:
+            if func in _INDEXING:
+                args = (args[0], _indices(args[1]), *args[2:])
+            out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
 
 
-def _activations_per_sample(model: nn.Module, recipe: Any, cfg: Config) -> float:
-    """Bytes autograd saves for backward, per sample (``_trace``'s first figure)."""
-    return _trace(model, recipe, cfg)[0]
+_INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+             torch.ops.aten._index_put_impl_.default}  # fmt: skip
+
+
+def _indices(index: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``index`` with each real boolean mask replaced by its indices (one tensor per masked dimension)."""
+    out: list[torch.Tensor | None] = []
+    for i in index:
+        if i is not None and i.dtype == torch.bool and not isinstance(i, FakeTensor):
+            with unset_fake_temporarily():
+                out.extend(i.nonzero().unbind(1))
+        else:
+            out.append(i)
+    return out
+
+
+def _fake(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """``model`` with fake parameters and buffers (same shapes, no data), a tied parameter still tied."""
+    fakes: dict[nn.Parameter, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                if p not in fakes:
+                    fakes[p] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+                module._parameters[name] = fakes[p]
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = mode.from_tensor(b)
+    return model
 
 
 def _cpu_sdpa_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -349,44 +429,76 @@ def _cpu_sdpa_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, *
     return int(sdpa_flop_count(q, k, v))
 
 
-def _trace(model: nn.Module, recipe: Any, cfg: Config) -> tuple[float, float | None, str]:
-    """Per sample, from a training-mode CPU forward at micro-batch 1 and 2 (2 and 4 for a model that refuses
-    one sample): the bytes autograd saves for backward, ``f(2) - f(1)``, at least ``f(2) / 2``; the FLOPs
-    of forward + backward, counted alike with ``FlopCounterMode`` (backward = 2x forward: a gradient for
-    the input and one for the weight per matmul); and how they were counted (or why not: then None).
+def _trace(model: nn.Module, recipe: Any, cfg: Config, states: int) -> tuple[dict[int, float], float | None, str]:
+    """The peak bytes of one training step at two micro-batch sizes, traced under ``FakeTensorMode``
+    (``Timeline``); the forward + backward FLOPs of one sample; and how they were counted (or why not: None).
 
-    Each saved tensor counted once (``SavedBytes``): a ReLU output that the next layer also
-    saves is one tensor, not two.
+    The step is the launcher's after its first: forward and backward with no gradients allocated yet (the
+    previous step set them to None), then the optimizer step with its state already there. Sizes: first
+    1 (2 for a model that refuses one sample, as BatchNorm on one value per channel does), which gives the
+    bytes the forward keeps per sample; then the sizes where the forward keeps half and four times ``states``
+    (the model states' bytes; at least twice the first): the range where a memory bound lands when the
+    activations, not the optimizer step, set the peak. The peak is a maximum over the step's events, so
+    it bends up where one event takes over from another; a line through two sizes is exact inside that
+    range and a little low outside it (0.5% on the CPU benchmarks, docs/planner.md). FLOPs:
+    ``FlopCounterMode`` on the forwards of the two fitted sizes, the growth per sample; backward = 2x forward.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    model = _fake(model, mode)
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    states_per_param = OPTIMIZER_STATES[cfg.recipe.reference.optimizer]
+    opt = torch.optim.AdamW(trained) if states_per_param == 2 else torch.optim.SGD(trained, lr=0.1, momentum=0.9)
+    with mode:  # the optimizer's state, as after the first step
+        for p in trained:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    before = [*model.parameters(), *model.buffers()]
+    before += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})  # fmt: skip
 
-    def saved_bytes(n: int) -> tuple[int, int]:
-        saved = SavedBytes(model.parameters())
+    def step(n: int) -> tuple[int, int, int]:
+        """(peak bytes, bytes the forward keeps, forward FLOPs) at micro-batch ``n``."""
         batch = recipe.example_batch(cfg, n)
-        model.train()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), counter:
-            out = model(batch)  # kept until counted, so no saved tensor's address is reused meanwhile
-        del out
-        return saved.total, counter.get_total_flops()
+        timeline = Timeline()
+        for t in [*before, *batch.values()]:
+            timeline.track(t)
+        start = timeline.live
+        with mode, timeline:
+            with counter:
+                out = model(batch)
+            kept = timeline.live - start
+            sum(out.values()).backward()
+            del out
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return timeline.peak, kept, counter.get_total_flops()
 
-    # micro-batch 1 and 2 (half the work of 2 and 4 at the same answer: the bytes grow linearly);
-    # 2 and 4 when the model refuses a single sample (BatchNorm on one value per channel)
     try:
-        n, (small, f_small), (big, f_big) = 1, saved_bytes(1), saved_bytes(2)
-    except ValueError:
-        n, (small, f_small), (big, f_big) = 2, saved_bytes(2), saved_bytes(4)
-    forward = max((f_big - f_small) / n, f_big / (2 * n))
-    bytes_per_sample = float(max((big - small) / n, math.ceil(big / (2 * n))))
+        first = 1, step(1)
+    except ValueError:  # one sample refused (BatchNorm in training)
+        first = 2, step(2)
+    base, (_, kept, _) = first
+    per_sample = max(kept, 1) / base  # bytes the forward keeps per sample
+    a = max(base, min(MICRO_BATCH_LIMIT, math.ceil(states / per_sample / 2)))
+    b = max(2 * a, min(MICRO_BATCH_LIMIT, math.ceil(4 * states / per_sample)))
+    small = first if a == base else (a, step(a))
+    big = b, step(b)
+    peaks = {size: float(peak) for size, (peak, _, _) in (small, big)}
+    (a, (_, _, fa)), (b, (_, _, fb)) = small, big
+    forward = max((fb - fa) / (b - a), fb / (2 * b))
     if forward <= 0:
-        return bytes_per_sample, None, "the FLOP counter found no matmul or convolution in the model's forward"
+        return peaks, None, "the FLOP counter found no matmul or convolution in the model's forward"
     detail = (
-        f"{3 * forward / 1e9:.4g} GFLOP/sample = 3 x {forward / 1e9:.4g} GFLOP forward (FlopCounterMode on a CPU "
-        "forward at the recipe's full input size; backward = 2x forward, frozen layers counted as trained)"
+        f"{3 * forward / 1e9:.4g} GFLOP/sample = 3 x {forward / 1e9:.4g} GFLOP forward (FlopCounterMode on the "
+        f"memory trace's forwards at micro-batch {a} and {b}, the recipe's full input size; backward = 2x "
+        "forward, frozen layers counted as trained)"
     )
-    return bytes_per_sample, 3 * forward, detail
+    return peaks, 3 * forward, detail
 
 
 if __name__ == "__main__":  # the probe's child process: config JSON in, {size: peak bytes} JSON out

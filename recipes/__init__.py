@@ -4,6 +4,8 @@ A recipe module defines, at module level, for ``launcher/worker.py`` and ``launc
 
 - ``build_model(cfg) -> nn.Module`` whose ``forward(batch)`` returns a dict of loss *sums*
   (in eval mode, also the sums of the metrics in ``METRICS``);
+- ``trace_model(cfg) -> nn.Module``: the model the memory estimate traces under fake tensors
+  (``build_model`` itself, unless the model picks sizes from its activations' values: ``coco``);
 - ``build_data(cfg, cache_dir) -> launcher.data.Data`` (checks the data, on the driver, before Ray);
 - ``count(batch) -> {key: units}``: what each returned sum averages over;
 - ``example_batch(cfg, n)``: a full-size synthetic batch of ``n`` samples (memory estimate);

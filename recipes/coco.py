@@ -26,6 +26,7 @@ model's state dict. Both are checked key by key (launcher/weights.py). The first
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -124,6 +125,42 @@ def build_model(cfg: Config) -> nn.Module:
     return Detector(net, has_masks(cfg))
 
 
+def trace_model(cfg: Config) -> nn.Module:
+    """``build_model``'s, as the memory estimate traces it under fake tensors, where no value is known.
+
+    torchvision keeps the RPN's proposals by NMS over their scores and samples the ROI heads' boxes by their
+    overlap with the ground truth: sizes chosen from values. Here the heads get the most training gives them,
+    ``box_batch_size_per_image`` boxes per image (512), ``positive_fraction`` of them (25%: 128) positive, each
+    with its mask target; the proposals, which only feed that sampling, are not made. The rest (backbone, FPN,
+    the RPN's head, anchors and loss, the box and mask heads and their losses) runs as torchvision wrote it.
+    """
+    model = build_model(cfg)
+    net: Any = model.net  # type: ignore[union-attr]
+    net.rpn.filter_proposals = _no_proposals
+    net.roi_heads.select_training_samples = functools.partial(_largest_sample, net.roi_heads)
+    return model
+
+
+def _no_proposals(proposals: torch.Tensor, objectness: torch.Tensor, image_shapes: list[tuple[int, int]],
+                  num_anchors_per_level: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    return [torch.zeros(0, 4) for _ in image_shapes], [torch.zeros(0) for _ in image_shapes]
+
+
+def _largest_sample(heads: Any, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> tuple[
+        list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], tuple[torch.Tensor, ...]]:  # fmt: skip
+    """``RoIHeads.select_training_samples``'s result at its largest: each image's ground-truth boxes repeated
+    to fill the sample, the first ``positive_fraction`` of them labelled with their class, the rest background."""
+    size = heads.fg_bg_sampler.batch_size_per_image
+    positive = torch.arange(size) < int(size * heads.fg_bg_sampler.positive_fraction)
+    boxes, matched, labels = [], [], []
+    for t in targets:
+        idx = torch.arange(size) % len(t["boxes"])
+        boxes.append(t["boxes"][idx])
+        matched.append(idx)
+        labels.append(torch.where(positive, t["labels"][idx], 0))
+    return boxes, matched, labels, heads.box_coder.encode(boxes, boxes)
+
+
 def num_classes(cfg: Config) -> int:
     r = spec(cfg)
     if cfg.data.path is None:
@@ -138,12 +175,14 @@ def count(batch: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def example_batch(cfg: Config, n: int) -> dict[str, torch.Tensor]:
-    """``n`` images at the training size, one box and mask each (memory estimate)."""
+    """``n`` images at the training size, one box and mask each (memory estimate). The box is an eighth of
+    the side (100 px at 800, about a median COCO object): the mask targets are cut from the masks with
+    ``roi_align`` at a cost that grows with the box, and the memory does not."""
     r = spec(cfg)
     s = r.min_size
     item = {
         "image": torch.rand(3, s, s),
-        "boxes": torch.tensor([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]]),
+        "boxes": torch.tensor([[7 * s / 16, 7 * s / 16, 9 * s / 16, 9 * s / 16]]),
         "labels": torch.tensor([1]),
         "masks": torch.ones(1, s, s, dtype=torch.uint8),
         "image_id": 0,

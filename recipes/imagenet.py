@@ -185,6 +185,12 @@ def build_model(cfg: Config) -> nn.Module:
     return Classifier(net, r.label_smoothing, r.channels_last)
 
 
+def trace_model(cfg: Config) -> nn.Module:
+    """``build_model``'s, uncompiled (the memory trace runs eagerly under fake tensors)."""
+    r = spec(cfg)
+    return Classifier(build_net(cfg), r.label_smoothing, r.channels_last)
+
+
 def count(batch: dict[str, torch.Tensor]) -> dict[str, int]:
     n = len(batch["images"])
     return {"ce": n, "ce_aux": n, "top1": n, "top5": n}

@@ -36,6 +36,12 @@ class Recipe(Protocol):
         sums of ``METRICS``)."""
         ...
 
+    def trace_model(self, cfg: Config) -> nn.Module:
+        """The model the device-free memory estimate traces under fake tensors (``launcher/memory.py``):
+        ``build_model``'s, where that model would choose a size from values a fake trace does not have
+        (proposals kept by NMS), with the largest size training takes."""
+        ...
+
     def build_data(self, cfg: Config, cache_dir: Path) -> Data:
         """The checked train and eval datasets and their collates (run on the driver, before Ray)."""
         ...

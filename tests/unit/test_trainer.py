@@ -256,7 +256,7 @@ def lin() -> nn.Module:
 
 def saved_per_sample() -> int:
     """Bytes autograd saves per sample in Lin's forward, counted as the injection counts them."""
-    from launcher.memory import SavedBytes
+    from launcher.faults import SavedBytes
 
     model = lin()
     saved = SavedBytes(model.parameters())
