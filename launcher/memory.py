@@ -429,6 +429,22 @@ def _cpu_sdpa_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, *
     return int(sdpa_flop_count(q, k, v))
 
 
+def _stepped_optimizer(model: nn.Module, cfg: Config, mode: FakeTensorMode) -> tuple[Any, list[torch.Tensor]]:
+    """The recipe's kind of optimizer on ``model``'s trained (fake) parameters with its state allocated, as
+    after the first step; and every tensor that lives through a step (parameters, buffers, that state)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    states_per_param = OPTIMIZER_STATES[cfg.recipe.reference.optimizer]
+    opt = torch.optim.AdamW(trained) if states_per_param == 2 else torch.optim.SGD(trained, lr=0.1, momentum=0.9)
+    with mode:
+        for p in trained:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    before = [*model.parameters(), *model.buffers()]
+    before += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return opt, before
+
+
 def _trace(model: nn.Module, recipe: Any, cfg: Config, states: int) -> tuple[dict[int, float], float | None, str]:
     """The peak bytes of one training step at two micro-batch sizes, traced under ``FakeTensorMode``
     (``Timeline``); the forward + backward FLOPs of one sample; and how they were counted (or why not: None).
@@ -448,16 +464,7 @@ def _trace(model: nn.Module, recipe: Any, cfg: Config, states: int) -> tuple[dic
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = _fake(model, mode)
     model.train()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    states_per_param = OPTIMIZER_STATES[cfg.recipe.reference.optimizer]
-    opt = torch.optim.AdamW(trained) if states_per_param == 2 else torch.optim.SGD(trained, lr=0.1, momentum=0.9)
-    with mode:  # the optimizer's state, as after the first step
-        for p in trained:
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    before = [*model.parameters(), *model.buffers()]
-    before += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    opt, before = _stepped_optimizer(model, cfg, mode)
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})  # fmt: skip
 
@@ -490,15 +497,20 @@ def _trace(model: nn.Module, recipe: Any, cfg: Config, states: int) -> tuple[dic
     big = b, step(b)
     peaks = {size: float(peak) for size, (peak, _, _) in (small, big)}
     (a, (_, _, fa)), (b, (_, _, fb)) = small, big
+    return (peaks, *_flops(a, fa, b, fb))
+
+
+def _flops(a: int, fa: int, b: int, fb: int) -> tuple[float | None, str]:
+    """Training FLOPs per sample from the forward FLOPs ``fa``, ``fb`` at micro-batches ``a`` < ``b``, and
+    how they were counted (or why not: None)."""
     forward = max((fb - fa) / (b - a), fb / (2 * b))
     if forward <= 0:
-        return peaks, None, "the FLOP counter found no matmul or convolution in the model's forward"
-    detail = (
+        return None, "the FLOP counter found no matmul or convolution in the model's forward"
+    return 3 * forward, (
         f"{3 * forward / 1e9:.4g} GFLOP/sample = 3 x {forward / 1e9:.4g} GFLOP forward (FlopCounterMode on the "
         f"memory trace's forwards at micro-batch {a} and {b}, the recipe's full input size; backward = 2x "
         "forward, frozen layers counted as trained)"
     )
-    return peaks, 3 * forward, detail
 
 
 if __name__ == "__main__":  # the probe's child process: config JSON in, {size: peak bytes} JSON out

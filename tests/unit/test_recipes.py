@@ -10,7 +10,7 @@ import pytest
 from recipes import RECIPES, Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-MEMBERS = ["METRICS", "build_model", "build_data", "count", "example_batch", "evaluate"]
+MEMBERS = ["METRICS", "build_model", "trace_model", "build_data", "count", "example_batch", "evaluate"]
 
 
 def test_the_protocol_declares_the_members_callers_use() -> None:
@@ -23,7 +23,7 @@ def test_each_recipe_defines_every_member(name: str) -> None:
     recipe = RECIPES[name]
     missing = [m for m in MEMBERS if m not in vars(recipe)]  # a module: its own names, not inherited ones
     assert not missing, f"recipes/{name}.py lacks {missing}"
-    for fn in ("build_model", "build_data", "count", "example_batch"):
+    for fn in ("build_model", "trace_model", "build_data", "count", "example_batch"):
         assert callable(getattr(recipe, fn))
     assert recipe.METRICS and all(isinstance(m, str) for m in recipe.METRICS)
     if recipe.evaluate is not None:
