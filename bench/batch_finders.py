@@ -5,10 +5,11 @@ For each model and budget:
 - **planner**: the launcher's memory bound (``plan.max_micro_batch``) from its device-free
   estimate (no training step), at the default ``planner.headroom`` and at 0, each then checked by running
   that size in a fresh capped process (a failure checked once more, as below);
-- **exhaustive**: the true maximum (to within 5%), by doubling then bisection, each size in a fresh
+- **exhaustive**: the true maximum (to within 2%), by growing steps then bisection, each size in a fresh
   process running 2 optimizer steps (the second with optimizer state allocated) under the budget; it
   starts from the largest size the planner's checks ran under the cap (2 when neither fit), so a size
-  shown to fit is never above the maximum it finds; a size counts as over the budget only when a second
+  shown to fit is never above the maximum it finds, with a first step of 2% (then doubling steps), and
+  stops below a size the planner's checks saw fail; a size counts as over the budget only when a second
   fresh process fails at it too (a capped process now and then crashes outside torch at a size that
   fits, and one such failure would lower the maximum found), and a failure in a process that started a
   thread under the cap (whose stack the budget then paid for) is run again; every trial is in the JSON
@@ -79,7 +80,7 @@ SCENARIOS: dict[str, tuple[str, list[str], list[float]]] = {
     "bert-base": ("BERT-base encoder (L12 H768, vocab 30522), 32 tokens, AdamW", [
         "recipe=bert", "recipe.seq_len=32"], [2.5]),
 }
-PRECISION = 20  # the bisection stops when the bracket is within 1/20 (5%) of the largest size that fits
+PRECISION = 50  # the bisection stops when the bracket is within 1/50 (2%) of the largest size that fits
 STEPS = 2  # optimizer steps per trial: the second runs with the optimizer state allocated
 
 
@@ -223,9 +224,14 @@ def trial(setup: Setup, budget_gb: float, n: int) -> dict[str, Any]:
     return _capped(setup, budget_gb, body)
 
 
-def exhaustive(setup: Setup, budget_gb: float, start: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Doubling, then bisection; every size in its own fresh process (no state left by an OOM). ``start``: a
-    trial (``trial``'s result) that fitted, the search's lower end (None: from 2)."""
+def exhaustive(
+    setup: Setup, budget_gb: float, start: dict[str, Any] | None = None, over: int | None = None
+) -> dict[str, Any]:
+    """Growing steps, then bisection; every size in its own fresh process (no state left by an OOM).
+    ``start``: a trial (``trial``'s result) that fitted, the search's lower end (None: from 2, doubling);
+    from it the first step is the bisection's final width (1/PRECISION), each next one twice the last, so
+    a start within 5% of the maximum costs two sizes, not a doubling and a bisection back down. ``over``:
+    a size already seen to fail twice (the planner's checks), the search's upper end (None: not known)."""
     started, trials = time.perf_counter(), [] if start is None else [{**start, "from": "planner"}]
 
     def once(n: int) -> bool:
@@ -249,9 +255,12 @@ def exhaustive(setup: Setup, budget_gb: float, start: dict[str, Any] | None = No
     if start is None and not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
         return {"max": 0, "trials": len(trials), "steps": STEPS, "seconds": time.perf_counter() - started}
     lo = 2 if start is None else start["n"]
-    hi = 2 * lo
-    while fits(hi):
-        lo, hi = hi, hi * 2
+    step = lo if start is None else max(1, lo // PRECISION)
+    hi = lo + step
+    while (over is None or hi < over) and fits(hi):
+        lo, step = hi, 2 * step
+        hi = lo + step
+    hi = hi if over is None else min(hi, over)
     while hi - lo > max(1, lo // PRECISION):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -396,7 +405,9 @@ def run_scenario(name: str, overrides: list[str], budget_gb: float) -> dict[str,
     row: dict[str, Any] = {"scenario": name, "overrides": overrides, "budget_gb": budget_gb}
     p = row["planner"] = planner(setup, budget_gb)
     fitted = [p[key] for key in ("check", "check_headroom_0") if p.get(key, {}).get("fits")]
-    row["exhaustive"] = exhaustive(setup, budget_gb, start=max(fitted, key=lambda t: t["n"], default=None))
+    failed = [p[key]["n"] for key in ("check", "check_headroom_0") if p.get(key, {}).get("fits") is False]
+    row["exhaustive"] = exhaustive(setup, budget_gb, start=max(fitted, key=lambda t: t["n"], default=None),
+                                   over=min(failed, default=None))
     row["lightning_power"] = lightning(setup, budget_gb, "power")
     row["lightning_binsearch"] = lightning(setup, budget_gb, "binsearch")
     row["accelerate"] = accelerate(setup, budget_gb)
