@@ -28,8 +28,10 @@ run: setup ## train BERT smoke on 2 CPU workers (embedded Ray, MLflow in ./mlflo
 
 test: setup ## lint, type-check and run the tests (unit + integration; 2 processes, then the serial ones)
 	$(BIN)/ruff check launcher recipes tests bench
-	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile -m 'not gpu and not serial and not full' tests
+	@# mypy beside the tests (a minute from a fresh clone)
+	$(BIN)/mypy > $(VENV)/mypy.out 2>&1 & typing=$$!; \
+	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile -m 'not gpu and not serial and not full' tests; \
+	tests=$$?; wait $$typing; typed=$$?; cat $(VENV)/mypy.out; rm -f $(VENV)/mypy.out; [ $$tests = 0 ] && [ $$typed = 0 ]
 	$(BIN)/python -m pytest -q -m serial tests
 
 test-full: setup ## the full-scale tier: each recipe at scale=full, 2 steps on generated full-size data (about 6 min on 2 cores) -> bench/results/full_scale.json, BENCHMARKS.md
