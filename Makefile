@@ -34,7 +34,7 @@ test: setup ## lint, type-check and run the tests (unit + integration; 2 process
 	tests=$$?; wait $$typing; typed=$$?; cat $(VENV)/mypy.out; rm -f $(VENV)/mypy.out; [ $$tests = 0 ] && [ $$typed = 0 ]
 	$(BIN)/python -m pytest -q -m serial tests
 
-test-full: setup ## the full-scale tier: each recipe at scale=full, 2 steps on generated full-size data (about 6 min on 2 cores) -> bench/results/full_scale.json, BENCHMARKS.md
+test-full: setup ## the full-scale tier: each recipe at scale=full, 2 steps on generated full-size data (5-6 min on 2 cores) -> bench/results/full_scale.json, BENCHMARKS.md
 	$(BIN)/python -m pytest -q --durations=10 -m full tests/integration/test_full_scale.py
 	$(BIN)/python bench/tables.py
 
