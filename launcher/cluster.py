@@ -50,7 +50,7 @@ def warm_local(cpus: int, gpus: int, verbose: bool = False) -> bool:
     record = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
     address = record.read_text().strip() if record.is_file() else ""
     host, _, port = address.rpartition(":")
-    if not (host and port.isdigit() and _listening(host, int(port))):
+    if not (host and port.isdigit() and _unreachable(host, int(port), timeout=2) is None):
         return False
     try:
         connect(Cluster(kind="ray", address=address), verbose=verbose, found=f"a warm Ray: {record}")
@@ -68,14 +68,15 @@ def warm_local(cpus: int, gpus: int, verbose: bool = False) -> bool:
     return True
 
 
-def _listening(host: str, port: int) -> bool:
+def _unreachable(host: str, port: int, timeout: float) -> OSError | None:
+    """Why nothing answers at ``host:port`` within ``timeout`` seconds; None when something does."""
     import socket
 
     try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e
 
 
 def start_local(cpus: int, verbose: bool = False) -> None:
@@ -211,12 +212,7 @@ def authentication() -> str:
 
 def _check_reachable(host: str, port: int, address: str) -> None:
     """Fail in seconds, not after Ray's minutes of retries, when nothing listens at the address."""
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=5):
-            pass
-    except OSError as e:
+    if (e := _unreachable(host, port, timeout=5)) is not None:
         raise ConfigError(
             [
                 f"cluster.address: nothing answers at {address} ({e}); is `ray start --head` running there? "
@@ -248,11 +244,12 @@ def stop(logs: Path) -> Path | None:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    logged = session / "logs" if session is not None and (session / "logs").is_dir() else None
     if session is None or not embedded:
-        return session / "logs" if session is not None and (session / "logs").is_dir() else None
-    if (session / "logs").is_dir():
+        return logged
+    if logged is not None:
         logs.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(session / "logs"), str(logs / session.name))
+        shutil.move(str(logged), str(logs / session.name))
     shutil.rmtree(session, ignore_errors=True)
     latest = session.parent / "session_latest"
     if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
