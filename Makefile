@@ -41,7 +41,7 @@ test-full: setup ## the full-scale tier: each recipe at scale=full, 2 steps on g
 plan: setup ## show the plan for BERT on 8x8 80 GB GPUs at global batch 8192 (no training)
 	$(BIN)/python -m launcher action=plan cluster.nodes=8 cluster.gpus_per_node=8 cluster.gpu_memory_gb=80 batch.global_batch=8192
 
-bench: setup ## benchmarks on CPU -> bench/results/*.json, then BENCHMARKS.md's tables (about 20 min on 2 cores)
+bench: setup ## benchmarks on CPU -> bench/results/*.json, then BENCHMARKS.md's tables (about 10 min on 2 cores)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/tables.py
 

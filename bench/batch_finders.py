@@ -14,8 +14,10 @@ For each model and budget:
   fits, and one such failure would lower the maximum found), and a failure in a process that started a
   thread under the cap (whose stack the budget then paid for) is run again; every trial is in the JSON
   (``sizes``), disagreeing ones in ``flaky_sizes``;
-- **lightning**: ``Tuner.scale_batch_size`` (defaults: ``mode="power"``, 3 steps per trial), and
-  its ``mode="binsearch"``;
+- **lightning**: ``Tuner.scale_batch_size`` with ``mode="binsearch"`` (3 steps per trial): it doubles from 2
+  until the first out-of-memory, then bisects. Its default ``mode="power"`` is that first phase alone
+  (``_run_power_scaling``: the last size that fit before the first out-of-memory), so its result, steps
+  and seconds are read from the same run's trials rather than trained again;
 - **accelerate**: ``find_executable_batch_size`` (default start 128, x0.9 per OOM) around a
   function that runs the same 2 optimizer steps.
 
@@ -70,16 +72,19 @@ from launcher.cli import load  # noqa: E402
 from recipes import RECIPES  # noqa: E402
 
 GB = 1024**3
-SCENARIOS: dict[str, tuple[str, list[str], list[float]]] = {
-    # name: (what it is, config overrides, budgets in GB)
-    # sizes chosen so the whole table takes about 8 minutes on 2 cores (make bench)
+SCENARIOS: dict[str, tuple[str, list[str], list[float], bool]] = {
+    # name: (what it is, config overrides, budgets in GB, whether Lightning and Accelerate run by default)
+    # sizes chosen so the whole table takes about 3 minutes on 2 cores (make bench). Lightning and Accelerate
+    # add 1.5 minutes on ResNet-50 and 4 on BERT-base (their large trial batches): --finders-everywhere
     "cnn": ("small CNN: ResNet-18, 64 px, 10 classes, SGD", [
-        "recipe=imagenet", "recipe.model=resnet18", "recipe.train_crop=64", "recipe.num_classes=10"], [0.5]),
+        "recipe=imagenet", "recipe.model=resnet18", "recipe.train_crop=64", "recipe.num_classes=10"], [0.5], True),
     "resnet50": ("ResNet-50, 96 px, 100 classes, SGD", [
-        "recipe=imagenet", "recipe.model=resnet50", "recipe.train_crop=96", "recipe.num_classes=100"], [1.0]),
+        "recipe=imagenet", "recipe.model=resnet50", "recipe.train_crop=96", "recipe.num_classes=100"], [1.0], False),
     "bert-base": ("BERT-base encoder (L12 H768, vocab 30522), 32 tokens, AdamW", [
-        "recipe=bert", "recipe.seq_len=32"], [2.5]),
+        "recipe=bert", "recipe.seq_len=32"], [2.5], False),
 }
+FINDERS = ("lightning_power", "lightning_binsearch", "accelerate")
+NOT_RUN = {"not_run": "not run by default on this model (python bench/batch_finders.py --finders-everywhere)"}
 PRECISION = 50  # the bisection stops when the bracket is within 1/50 (2%) of the largest size that fits
 STEPS = 2  # optimizer steps per trial: the second runs with the optimizer state allocated
 
@@ -311,8 +316,8 @@ def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
             "check_headroom_0": checks["max_headroom_0"]}
 
 
-def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:
-    """``Tuner(trainer).scale_batch_size(module, mode=mode)`` with its defaults, under the cap."""
+def lightning(setup: Setup, budget_gb: float) -> dict[str, Any]:
+    """``Tuner(trainer).scale_batch_size(module, mode="binsearch")`` under the cap, its power phase beside it."""
 
     def body() -> dict[str, Any]:
         import logging
@@ -322,7 +327,7 @@ def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:
         from torch.utils.data import DataLoader
 
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        count = [0]
+        count, steps = [0], []  # steps: (batch size, when it started), to read the power phase from
 
         class Module(pl.LightningModule):
             def __init__(self) -> None:
@@ -332,6 +337,7 @@ def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:
 
             def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
                 count[0] += 1
+                steps.append((self.batch_size, time.perf_counter()))
                 with onednn_oom():
                     return sum(self.net(batch).values())  # type: ignore[return-value]
 
@@ -359,10 +365,25 @@ def lightning(setup: Setup, budget_gb: float, mode: str) -> dict[str, Any]:
                 return restore(*a, **k)
 
             trainer._checkpoint_connector.restore = uncapped_restore  # type: ignore[method-assign]
-            found = Tuner(trainer).scale_batch_size(Module(), mode=mode)
-        return {"max": found, "steps": count[0]}
+            started = time.perf_counter()
+            found = Tuner(trainer).scale_batch_size(Module(), mode="binsearch")
+        return {"max": found, "steps": count[0], "power": power_phase(steps, started)}
 
     return _capped(setup, budget_gb, body)
+
+
+def power_phase(steps: list[tuple[int, float]], started: float) -> dict[str, Any]:
+    """Lightning's ``mode="power"`` read from a binsearch run's steps (batch size, start time): both double
+    from the same size until the first out-of-memory, where power stops with the last size that fit. The
+    first trial to fail is the first followed by a smaller one; power's time ends where the next trial starts."""
+    sizes = [n for n, _ in steps]
+    for i in range(1, len(steps)):
+        if sizes[i] < sizes[i - 1]:  # the trial at sizes[i - 1] failed: bisection starts below it
+            fit = [n for n in sizes[:i] if n < sizes[i - 1]]
+            return {"max": max(fit, default=None), "steps": i, "seconds": steps[i][1] - started,
+                    "read_from": "binsearch"}
+    return {"max": sizes[-1] if sizes else None, "steps": len(sizes), "read_from": "binsearch",
+            "seconds": steps[-1][1] - started if steps else 0.0}  # no out-of-memory: both end at the same size
 
 
 def accelerate(setup: Setup, budget_gb: float) -> dict[str, Any]:
@@ -400,7 +421,7 @@ class _Repeat(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- driver
 
-def run_scenario(name: str, overrides: list[str], budget_gb: float) -> dict[str, Any]:
+def run_scenario(name: str, overrides: list[str], budget_gb: float, finders: bool = True) -> dict[str, Any]:
     setup = Setup(overrides)
     row: dict[str, Any] = {"scenario": name, "overrides": overrides, "budget_gb": budget_gb}
     p = row["planner"] = planner(setup, budget_gb)
@@ -408,11 +429,15 @@ def run_scenario(name: str, overrides: list[str], budget_gb: float) -> dict[str,
     failed = [p[key]["n"] for key in ("check", "check_headroom_0") if p.get(key, {}).get("fits") is False]
     row["exhaustive"] = exhaustive(setup, budget_gb, start=max(fitted, key=lambda t: t["n"], default=None),
                                    over=min(failed, default=None))
-    row["lightning_power"] = lightning(setup, budget_gb, "power")
-    row["lightning_binsearch"] = lightning(setup, budget_gb, "binsearch")
-    row["accelerate"] = accelerate(setup, budget_gb)
+    if finders:
+        row["lightning_binsearch"] = lightning(setup, budget_gb)
+        power = row["lightning_binsearch"].pop("power", None)
+        row["lightning_power"] = power or {"error": row["lightning_binsearch"].get("error", "no binsearch run")}
+        row["accelerate"] = accelerate(setup, budget_gb)
+    else:
+        row |= {method: dict(NOT_RUN) for method in FINDERS}
     true = row["exhaustive"]
-    for method in ("planner", "lightning_power", "lightning_binsearch", "accelerate"):
+    for method in ("planner", *FINDERS):
         found = row[method].get("max")
         row[method]["of_true_max"] = found / true["max"] if found and true["max"] else None
     if "error" not in p and true["max"] and true.get("peak_gb_at_max"):
@@ -428,8 +453,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 8]
 
     def cell(r: dict[str, Any]) -> str:
-        if "error" in r:
-            return "error"
+        if "error" in r or "not_run" in r:
+            return "error" if "error" in r else "not run"
         share = f"{r['of_true_max']:.0%}" if r.get("of_true_max") is not None else "-"
         return f"{r['max']}, {share}, {r['steps']} steps, {r['seconds']:.1f} s"
 
@@ -468,6 +493,8 @@ def main() -> None:
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
     ap.add_argument("--budget", type=float, action="append", help="GB; default: the scenario's budgets")
     ap.add_argument("--override", action="append", default=[], help="extra config override, e.g. recipe.train_crop=32")
+    ap.add_argument("--finders-everywhere", action="store_true",
+                    help="Lightning and Accelerate on every scenario (by default only on cnn: 5.5 more minutes)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_finders.json")
     args = ap.parse_args()
     import accelerate.utils  # noqa: F401 - imported before any fork: the cap measures training, not imports
@@ -476,10 +503,11 @@ def main() -> None:
     rows = []
     started = time.time()
     for name in args.scenario or list(SCENARIOS):
-        what, overrides, budgets = SCENARIOS[name]
+        what, overrides, budgets, finders = SCENARIOS[name]
         for budget in args.budget or budgets:
             print(f"[batch_finders] {name} ({what}) at {budget:g} GB ...", flush=True)
-            rows.append({"what": what, **run_scenario(name, overrides + args.override, budget)})
+            row = run_scenario(name, overrides + args.override, budget, finders or args.finders_everywhere)
+            rows.append({"what": what, **row})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             result = record(rows, started)
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ same text for a seed. Each preparation runs in its own process (``--one``), so i
 its own. Writes ``bench/results/bert_data.json`` and prints the table. Run from the repository root:
 
     python bench/bert_data.py                       # 32 MiB at scale=full; 12 MiB against the original
-    python bench/bert_data.py --mb 64 --compare-mb 6 24
+    python bench/bert_data.py --mb 64 --compare-mb 6 24 --settings full "smoke sizes"
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=32, help="the corpus the new preparation is timed on")
     ap.add_argument("--compare-mb", type=float, nargs="+", default=[12], help="the corpora both preparations run on")
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["full"],
+                    help="the settings both preparations run at (make bench: full sizes only)")
     ap.add_argument("--one", choices=["new", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="full", help=argparse.SUPPRESS)
@@ -122,7 +124,7 @@ def main() -> None:
         rows = []
         for mb in args.compare_mb:
             small, _ = corpus_of(mb)
-            for setting in SETTINGS:
+            for setting in args.settings:
                 new, old = (run_one(w, small, setting, Path(tmp) / f"{mb}-{setting}-{w}") for w in ("new", "baseline"))
                 same = same_pairs(Path(tmp) / f"{mb}-{setting}-new", Path(tmp) / f"{mb}-{setting}-baseline")
                 rows.append({"setting": setting, "overrides": SETTINGS[setting], "corpus_mb": mb, "new": new,

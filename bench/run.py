@@ -27,12 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results"
 T = TypeVar("T")
-# A whole run is mostly start-up: 60 steps (5 windows of 10 after the first) take about 5 of its 35 s. Its
+# A whole run is mostly start-up: 40 steps (3 windows of 10 after the first) take about 3 of its 30 s. Its
 # throughput moves more from run to run than from window to window, so more steps would buy little.
-STEPS, MICRO, ACCUM = 60, 8, 2
+STEPS, MICRO, ACCUM = 40, 8, 2
 REPEATS = 3  # whole runs per side, alternating
-PAUSE_S = 3  # between whole runs, so no side inherits another's shutdown
-PAIRED_STEPS, PAIRED_WARMUP = 200, 10  # step against step, and the noise scale's cost
+PAUSE_S = 1  # between whole runs, so no side inherits another's shutdown
+PAIRED_STEPS, PAIRED_WARMUP = 200, 10  # step against step
+NOISE_STEPS = 60  # the noise scale's cost: within 1% of a step at 100 and 200 pairs (2026-12-06); 60 save time
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -89,10 +90,10 @@ def torchrun_run() -> dict:
             "startup": result["startup"], "wall_s": wall}
 
 
-def paired_run(script: str) -> dict:
+def paired_run(script: str, steps: int = PAIRED_STEPS) -> dict:
     """A paired-step script (``bench/ranks.py: time_paired``) under torchrun on 2 ranks: its JSON line."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(ROOT / "bench" / script),
-           f"--micro={MICRO}", f"--accum={ACCUM}", f"--steps={PAIRED_STEPS}", f"--warmup={PAIRED_WARMUP}",
+           f"--micro={MICRO}", f"--accum={ACCUM}", f"--steps={steps}", f"--warmup={PAIRED_WARMUP}",
            f"--cache={WORK / 'outputs' / 'cache'}"]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
@@ -106,7 +107,7 @@ def step_vs_step_run() -> dict:
 
 def noise_overhead_run() -> dict:
     """``train.measure_noise_scale``'s cost: the launcher's step with and without it, same batches."""
-    return paired_run("noise_overhead.py")
+    return paired_run("noise_overhead.py", NOISE_STEPS)
 
 
 def warm_up() -> None:

@@ -176,7 +176,9 @@ def batch_finders_quality(d: Json) -> list[str]:
     """The largest micro-batch under a budget: the true maximum, the planner, Lightning, Accelerate."""
 
     def found(r: Json) -> str:
-        return "error" if "error" in r else f"{r['max']}, {_share(r)}, {r['steps']} steps, {r['seconds']:.1f} s"
+        if "error" in r or "not_run" in r:
+            return "error" if "error" in r else "not run"
+        return f"{r['max']}, {_share(r)}, {r['steps']} steps, {r['seconds']:.1f} s"
 
     def fits(ok: Any) -> str:
         return "fits" if ok else "OOM"

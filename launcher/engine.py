@@ -81,6 +81,14 @@ def wrap(model: Any, optimizer: Any, config: dict[str, Any]) -> tuple[Any, Any]:
         from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    if not _cuda():
+        # DeepSpeed's CPU backend compiles its shared-memory op (deepspeed_shm_comm, half a minute on 2
+        # cores, in every fresh environment) when it sets up communication; the op serves only its
+        # inference all-reduce (tensor-parallel inference), never training, which goes through the
+        # process group. Marked unavailable in DeepSpeed's table of ops, it is not built.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, zero_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=dict(config), dist_init_required=False
     )

@@ -34,8 +34,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray's temp dir for the Rays the tests start and the one place `cluster=local` looks for a warm Ray
 # (<dir>/ray/ray_current_cluster): the session's own, so a developer's `ray start --head` is never used
 os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="lt-", dir="/tmp")
-# DeepSpeed JIT-builds its CPU ops (about 30 s on 2 cores): once per environment, not per test session
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch-extensions"))
 
 
 def launcher(
