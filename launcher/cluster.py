@@ -34,6 +34,7 @@ EXCLUDES = [".git", ".venv", "outputs", "mlruns", "mlflow.db", "*.egg-info", "be
 JOB_STOP_WAIT_S = 120  # SIGTERM -> SIGKILL grace of a stopped job: time to finish a step and checkpoint
 QUIET = "launcher.raylog.quiet"  # worker_process_setup_hook; imports nothing heavy
 _embedded = False  # this process started the Ray it is connected to (start_local): stop() removes it
+_token_found = ""  # where authentication() found the token it then used with $RAY_AUTH_MODE unset
 
 
 def warm_local(cpus: int, gpus: int, verbose: bool = False) -> bool:
@@ -206,8 +207,23 @@ def authentication() -> str:
         ("~/.ray/auth_token", (Path.home() / ".ray" / "auth_token").is_file()),
     ]
     found = next((name for name, present in sources if present), None)
+    global _token_found
+    _token_found = found or ""
     os.environ["RAY_AUTH_MODE"] = "token" if found else "disabled"
     return f"token from {found}" if found else "none (no token in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray)"
+
+
+def failure_hint(report: str) -> str:
+    """A line for a failed run whose actors Ray cancelled before they started, when the launcher chose token
+    authentication only because it found a token: a cluster started without authentication (Ray 2.60)
+    accepts the connection, then cancels the run's actors about 10 s later. Empty otherwise."""
+    if not _token_found or "cancelled before it started running" not in report:
+        return ""
+    return (
+        f"hint: the launcher authenticated with the token from {_token_found}, as $RAY_AUTH_MODE is unset; a "
+        "cluster started without authentication cancels the run's actors like this: for such a cluster, "
+        "run with RAY_AUTH_MODE=disabled"
+    )
 
 
 def _check_reachable(host: str, port: int, address: str) -> None:

@@ -560,8 +560,12 @@ def lr_find_summary(found: dict[str, float], p: Plan, cfg: Config) -> str:
 
 
 def failure_report(report: str) -> str:
-    """What the console shows of a failed training: the whole error, then its root cause, masked."""
-    return f"{mask(report)}\n\ntraining failed: {root_cause(report)}"
+    """What the console shows of a failed training: the whole error, then its root cause, masked (and a
+    hint where the cause is known to mislead: ``cluster.failure_hint``)."""
+    from launcher.cluster import failure_hint
+
+    hint = failure_hint(report)
+    return f"{mask(report)}\n\ntraining failed: {root_cause(report)}" + (f"\n{hint}" if hint else "")
 
 
 def root_cause(report: str) -> str:

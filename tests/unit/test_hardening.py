@@ -178,6 +178,42 @@ def test_the_failure_report_masks_the_whole_error_and_its_cause() -> None:
     assert "secret" not in shown and "training failed: " in shown and shown.count("http://***@127.0.0.1:9") >= 2
 
 
+CANCELLED = """ActorDiedError: The actor died unexpectedly before finishing this task.
+	class_name: TrainController
+The actor is dead because all references to the actor were removed including lineage ref count.
+The actor never ran - it was cancelled before it started running.
+"""
+
+
+def test_a_run_cancelled_after_a_token_found_in_a_file_says_how_to_reach_an_unauthenticated_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray 2.60 writes ~/.ray/auth_token on a default `ray start`; with $RAY_AUTH_MODE unset the launcher then
+    authenticates with it, and a cluster started without authentication cancels the run's actors: the
+    failure says so. Not when the mode was the user's choice, nor for other failures."""
+    from launcher import cluster
+    from launcher.launch import failure_report
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("a" * 64)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(var, "")  # recorded, so what authentication() sets is undone after the test
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(cluster, "_token_found", "")
+    assert cluster.authentication() == "token from ~/.ray/auth_token"
+    shown = failure_report(CANCELLED)
+    assert "training failed: ActorDiedError" in shown
+    assert "token from ~/.ray/auth_token" in shown and "RAY_AUTH_MODE=disabled" in shown
+    assert "a" * 64 not in shown
+    assert "hint:" not in failure_report("ValueError: something else\n")
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the user's own choice: no guess to point at
+    monkeypatch.setattr(cluster, "_token_found", "")
+    assert cluster.authentication() == "token, as $RAY_AUTH_MODE says"
+    assert "hint:" not in failure_report(CANCELLED)
+
+
 def test_root_cause_masks_credentials() -> None:
     from launcher.launch import root_cause
 
