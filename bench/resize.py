@@ -73,7 +73,10 @@ def scenario(name: str, extra: list[str], replace_node: bool, work: Path, env_ex
         cmd = [sys.executable, "-m", "launcher", *COMMON, *extra, f"cluster.address={address}",
                f"cluster.storage_path={work.parent / 'storage'}"]  # one for both runs: the data cache built once
         work.mkdir(parents=True)  # its console.log is kept in bench/results/resize/
-        run_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"} | {"LAUNCHER_INJECT_HOLD": f"12:{go}"}
+        # the launcher decides the authentication, from a HOME without a token file (a `ray start` leaves one)
+        (work / "home").mkdir()
+        run_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"} | {"LAUNCHER_INJECT_HOLD": f"12:{go}",
+                                                                             "HOME": str(work / "home")}
         run_env |= env_extra or {}
         log = (work / "console.log").open("w")
         run = subprocess.Popen(cmd, cwd=work, env=run_env, stdout=log, stderr=subprocess.STDOUT)

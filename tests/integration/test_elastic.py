@@ -65,13 +65,16 @@ def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_when_one_joins_keepin
     address, temp, env, nodes = cluster
     nodes.append(RayNode(address, temp, env))
     ledger, go1, go2 = tmp_path / "ledger", tmp_path / "go1", tmp_path / "go2"
+    home = tmp_path / "home"
+    home.mkdir()
     run = subprocess.Popen(
         [sys.executable, "-m", "launcher", "scale=smoke", "cluster=ray", f"cluster.address={address}",
          f"cluster.storage_path={tmp_path / 'storage'}", "cluster.min_workers=2", "cluster.num_workers=3",
          "cluster.max_failures=3", "cluster.resize_interval_s=2", "train.max_steps=20", "train.checkpoint_every=5",
          "train.log_every=5", "train.eval_every=1000", "train.eval_batches=1", "data.num_workers=0",
          "run.name=elastic"],
-        cwd=tmp_path, env={**{k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},  # the launcher decides
+        cwd=tmp_path, env={**{k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},  # the launcher decides,
+                           "HOME": str(home),  # from a HOME without a token file (a `ray start` leaves one)
                            "LAUNCHER_SAMPLE_LEDGER": str(ledger),
                            "LAUNCHER_INJECT_HOLD": f"12:{go1},17:{go2}", "PYTHONUNBUFFERED": "1",
                            # after the node's loss Ray Train first asks for 3 workers again and waits this
