@@ -448,28 +448,10 @@ def run_scenario(name: str, overrides: list[str], budget_gb: float, finders: boo
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | budget | true max (trials) | planner: bound, of max, steps, fits | planner at headroom 0 | "
-            "Lightning power: found, of max, steps | Lightning binsearch | Accelerate: found, of max, steps |")
-    lines = [head, "|" + "---|" * 8]
+    """The rows as BENCHMARKS.md shows them (``bench/tables.py``, the one renderer of the table)."""
+    from bench.tables import batch_finders_quality
 
-    def cell(r: dict[str, Any]) -> str:
-        if "error" in r or "not_run" in r:
-            return "error" if "error" in r else "not run"
-        share = f"{r['of_true_max']:.0%}" if r.get("of_true_max") is not None else "-"
-        return f"{r['max']}, {share}, {r['steps']} steps, {r['seconds']:.1f} s"
-
-    for row in rows:
-        p, true = row["planner"], row["exhaustive"]
-        planner = bare = "error"
-        if "error" not in p:
-            planner = f"{cell(p)}, {'fits' if p.get('fits') else 'OOM'}"
-            share = f"{p['of_true_max_headroom_0']:.0%}" if p.get("of_true_max_headroom_0") else "-"
-            bare = f"{p['max_headroom_0']}, {share}, {'fits' if p.get('fits_headroom_0') else 'OOM'}"
-        lines.append(
-            f"| {row['scenario']} | {row['budget_gb']:g} GB | {true['max']} ({true['trials']}) | {planner} | {bare} "
-            f"| {cell(row['lightning_power'])} | {cell(row['lightning_binsearch'])} | {cell(row['accelerate'])} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(batch_finders_quality({"rows": rows}))
 
 
 def record(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:

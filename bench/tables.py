@@ -96,6 +96,7 @@ def cpu_smoke_startup(d: Json) -> list[str]:
                 if k.startswith("startup_")}  # fmt: skip
 
     mine, theirs = phases(ours), phases(plain)
+    own = sum(float(v) for k, v in mine.items() if k != "workers")
     # the two overlap, and each is stamped when it is done: one row for both (whichever ends first gets the
     # time since the phase before, the other the rest)
     mine["tracking_and_ray"] = f"{float(mine.get('tracking', 0)) + float(mine.get('ray', 0)):.2f}"
@@ -103,7 +104,7 @@ def cpu_smoke_startup(d: Json) -> list[str]:
         *_head("phase", "launcher", "torchrun + plain DDP"),
         *(_row(name, a.format(**mine), b.format(**theirs)) for name, a, b in STARTUP),
         _row("the launcher's own phases (all but Ray Train's worker group) against torchrun's whole start-up",
-             f"{sum(float(v) for k, v in mine.items() if k not in ('workers', 'tracking_and_ray')):.2f}",
+             f"{own:.2f}",
              f"{plain['time_to_first_step_s']:.2f}"),
         _row("**command to first optimizer step**", f"**{ours['time_to_first_step_s']:.1f}**",
              f"**{plain['time_to_first_step_s']:.1f}**"),
