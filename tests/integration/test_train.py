@@ -154,6 +154,9 @@ def test_smoke_run_is_recorded_with_plan_applied(smoke: tuple[Path, str], tmp_pa
     assert "micro-batch / device  4" in stdout  # the plan is printed before training
     logs = [f for f in shared_outputs.glob("logs/smoke-test-*/**/*") if f.is_file()]  # Ray's lines go there
     assert logs and not any(b"multiple active Ray instances" in f.read_bytes() for f in logs)  # its Ray's
+    # every Ray worker process hosted one of the run's actors: none was prestarted outside the job
+    # (job id ffffffff), idle, importing Ray while the MLflow run opened (cluster.start_local)
+    assert not [f.name for f in logs if f.name.startswith("worker-") and "-ffffffff-" in f.name]
     assert "multiple active Ray instances" not in stdout  # own processes find their cluster
     assert stdout.count("eval at step 15 on ") == 1  # rank 0's console lines, once each
     # off a terminal: the metrics hook's plain line at every train.log_every, shown by the driver; no
