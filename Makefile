@@ -28,9 +28,11 @@ run: setup ## train BERT smoke on 2 CPU workers (embedded Ray, MLflow in ./mlflo
 
 test: setup ## lint, type-check and run the tests (unit + integration; 2 processes, then the serial ones)
 	$(BIN)/ruff check launcher recipes tests bench
-	@# mypy beside the tests (a minute from a fresh clone)
+	@# mypy beside the tests (a minute from a fresh clone). Test files in collection order (the integration
+	@# files, the long ones, first; the many short unit files fill in at the end), not xdist's default
+	@# of files with the most tests first, which left a one-test file of minutes for the end
 	$(BIN)/mypy > $(VENV)/mypy.out 2>&1 & typing=$$!; \
-	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile -m 'not gpu and not serial and not full' tests; \
+	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile --no-loadscope-reorder -m 'not gpu and not serial and not full' tests; \
 	tests=$$?; wait $$typing; typed=$$?; cat $(VENV)/mypy.out; rm -f $(VENV)/mypy.out; [ $$tests = 0 ] && [ $$typed = 0 ]
 	$(BIN)/python -m pytest -q -m serial tests
 
