@@ -26,7 +26,8 @@ from typing import TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results"
-STORE = f"sqlite:///{WORK / 'mlflow.db'}"  # the launcher's runs share it, as a user's runs in one directory do
+STORE_FILE = WORK / "mlflow.db"  # the launcher's runs share it, as a user's runs in one directory do
+STORE = f"sqlite:///{STORE_FILE}"
 T = TypeVar("T")
 # A whole run is mostly start-up: 40 steps (3 windows of 10 after the first) take about 3 of its 30 s. Its
 # throughput moves more from run to run than from window to window, so more steps would buy little.
@@ -119,7 +120,7 @@ def warm_up() -> None:
     from launcher.cli import load
     from recipes import bert
 
-    (WORK / "mlflow.db").unlink(missing_ok=True)
+    STORE_FILE.unlink(missing_ok=True)
     MlflowClient(tracking_uri=STORE).search_experiments()  # creates the store's tables
     bert.build_data(load(["scale=smoke"]), WORK / "outputs" / "cache")
     subprocess.run([sys.executable, "-m", "launcher", "scale=smoke", f"batch.micro_batch={MICRO}", "action=plan"],

@@ -180,8 +180,10 @@ def batch_finders_quality(d: Json) -> list[str]:
     """The largest micro-batch under a budget: the true maximum, the planner, Lightning, Accelerate."""
 
     def found(r: Json) -> str:
-        if "error" in r or "not_run" in r:
-            return "error" if "error" in r else "not run"
+        if "error" in r:
+            return "error"
+        if "not_run" in r:
+            return "not run"
         return f"{r['max']}, {_share(r)}, {r['steps']} steps, {r['seconds']:.1f} s"
 
     def fits(ok: Any) -> str:
