@@ -119,8 +119,10 @@ def start_local(cpus: int, verbose: bool = False) -> None:
         runtime_env={"worker_process_setup_hook": QUIET},
         # Ray prestarts one idle worker per CPU for the first driver; with the job's runtime_env (the hook
         # above) none of them can host this run's actors, so each only costs a process importing Ray while
-        # the MLflow run opens: 0.4-1 s of the start-up on 2 cores
-        _system_config={"prestart_worker_first_driver": False},
+        # the MLflow run opens: 0.4-1 s of the start-up on 2 cores. And Ray lowers its workers' priority to
+        # nice 15, where any other busy process on the machine starves them (a 2-worker step that took 22 s
+        # took 149 s beside 3 busy loops): the run's workers keep the launcher's own priority, as torchrun's
+        _system_config={"prestart_worker_first_driver": False, "worker_niceness": 0},
     )
     global _embedded
     _embedded = True

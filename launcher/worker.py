@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -250,8 +251,18 @@ def _batches(w: Worker, start_step: int, ledger: SampleLedger | None) -> Iterato
     """This rank's micro-batches from ``start_step`` on (through the sample ledger when it is on)."""
     loader = data_loader(w, start_step, ledger)
     w.say(f"cpus: {w.plan.cpus.cpus_per_worker} per worker: {loader.num_workers} DataLoader process(es), "
-          f"{torch.get_num_threads()} torch thread(s)")  # what this rank runs with, as planned  # fmt: skip
+          f"{torch.get_num_threads()} torch thread(s){priority_note(os.nice(0))}")  # as this rank runs  # fmt: skip
     return ledger.record(iter(loader)) if ledger else iter(loader)
+
+
+def priority_note(niceness: int) -> str:
+    """What the console line of a rank's CPUs adds when it runs below normal priority: a Ray the user
+    started runs its workers at nice 15 (Ray's ``worker_niceness``), where any busy process beside them
+    on the node comes first; the embedded Ray keeps them at the launcher's own priority."""
+    if niceness <= 0:
+        return ""
+    return (f"; niceness {niceness}: busy processes beside it on the node come first "
+            "(start Ray with RAY_worker_niceness=0 to run its workers at normal priority)")  # fmt: skip
 
 
 def data_loader(w: Worker, start_step: int, ledger: SampleLedger | None) -> DataLoader:

@@ -8,6 +8,7 @@ normalization error show up in the parameters.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def test_two_workers_match_one_big_batch(local_ray: None) -> None:
             import ray.train.torch
 
             rank = ray.train.get_context().get_world_rank()
+            # the embedded Ray's workers run at the launcher's priority, not Ray's nice 15 (starved by any busy process)
+            assert os.nice(0) == payload["nice"], f"worker niceness {os.nice(0)}, driver {payload['nice']}"
             model = ray.train.torch.prepare_model(fresh_model())
             mine = payload["items"][4 * rank : 4 * rank + 4]
             one_step(model, [bert.collate(mine)])
@@ -115,7 +118,7 @@ def test_two_workers_match_one_big_batch(local_ray: None) -> None:
 
         TorchTrainer(
             per_worker,
-            train_loop_config={"items": items, "out": str(out)},
+            train_loop_config={"items": items, "out": str(out), "nice": os.nice(0)},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
             run_config=RunConfig(storage_path=tmp, name="accum"),
         ).fit()

@@ -87,3 +87,13 @@ def test_the_worker_builds_its_dataloader_with_the_plans_loader_processes() -> N
     assert loader.num_workers == 1 and loader.persistent_workers
     first = next(iter(loader))  # from the loader process
     assert first["x"].shape == (2, 2)
+
+
+def test_a_rank_below_normal_priority_says_why_and_how_to_change_it() -> None:
+    """A Ray the user started runs its workers at nice 15; rank 0's ``cpus:`` line says so (the embedded
+    Ray's workers run at normal priority: ``tests/integration/test_accumulation.py``)."""
+    from launcher.worker import priority_note
+
+    assert priority_note(0) == ""
+    note = priority_note(15)
+    assert "niceness 15" in note and "RAY_worker_niceness=0" in note
