@@ -47,6 +47,7 @@ def warm_local(cpus: int, gpus: int, verbose: bool = False) -> bool:
     /tmp), only when something listens there. Connected as to any cluster (``connect``: the
     launcher's code shipped to its workers, the authentication policy of ``authentication``).
     Saves the embedded Ray's start (seconds) and its workers' imports; the warm Ray is left running.
+    The run's workers there run at the launcher's priority, as an embedded Ray's do (``start_local``).
     """
     record = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
     address = record.read_text().strip() if record.is_file() else ""
@@ -54,7 +55,7 @@ def warm_local(cpus: int, gpus: int, verbose: bool = False) -> bool:
     if not (host and port.isdigit() and _unreachable(host, int(port), timeout=2) is None):
         return False
     try:
-        connect(Cluster(kind="ray", address=address), verbose=verbose, found=f"a warm Ray: {record}")
+        connect(Cluster(kind="ray", address=address), verbose=verbose, found=f"a warm Ray: {record}", own_priority=True)
     except ConfigError as e:
         print(f"ray: not using the Ray at {address} ({e.errors[0]}); starting an embedded one", flush=True)
         return False
@@ -119,9 +120,9 @@ def start_local(cpus: int, verbose: bool = False) -> None:
         runtime_env={"worker_process_setup_hook": QUIET},
         # Ray prestarts one idle worker per CPU for the first driver; with the job's runtime_env (the hook
         # above) none of them can host this run's actors, so each only costs a process importing Ray while
-        # the MLflow run opens: 0.4-1 s of the start-up on 2 cores. And Ray lowers its workers' priority to
-        # nice 15, where any other busy process on the machine starves them (a 2-worker step that took 22 s
-        # took 149 s beside 3 busy loops): the run's workers keep the launcher's own priority, as torchrun's
+        # the MLflow run opens: 0.4-1 s of the start-up on 2 cores. And Ray lowers its workers to nice 15,
+        # below any busy process on the machine (a smoke run beside two busy loops: 210.9 s at nice 15, 48.6 s
+        # at 0): the run's workers keep the launcher's own priority, as torchrun's processes do
         _system_config={"prestart_worker_first_driver": False, "worker_niceness": 0},
     )
     global _embedded
@@ -136,10 +137,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def connect(cluster: Cluster, verbose: bool = False, found: str = "") -> str:
+def connect(cluster: Cluster, verbose: bool = False, found: str = "", own_priority: bool = False) -> str:
     """Connect to an existing cluster with the launcher's code for its workers; returns the address used.
     Its workers' output stays in the cluster's session logs unless ``verbose`` (``run.verbose``).
-    ``found``: where the address came from, for the console line."""
+    ``found``: where the address came from, for the console line. ``own_priority``: this job's workers
+    run at the priority of the Ray node that starts them, not Ray's nice 15 (a warm Ray on this machine);
+    a cluster's nodes keep their own policy."""
     address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
     if address.startswith(("http://", "https://")):
         raise ConfigError(
@@ -167,7 +170,7 @@ def connect(cluster: Cluster, verbose: bool = False, found: str = "") -> str:
             runtime_env={
                 "py_modules": [str(Path(launcher.__file__).parent), str(Path(recipes.__file__).parent)],
                 "worker_process_setup_hook": QUIET,
-                "env_vars": _worker_env(credential_env()),
+                "env_vars": _worker_env(credential_env(), own_priority),
             },
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -183,14 +186,16 @@ def connect(cluster: Cluster, verbose: bool = False, found: str = "") -> str:
     return address
 
 
-def _worker_env(credentials: dict[str, str]) -> dict[str, str]:
+def _worker_env(credentials: dict[str, str], own_priority: bool = False) -> dict[str, str]:
     """What the workers get from this driver's environment: the tracking server's credentials (never in
     the payload) and the launcher's own variables (the sample ledger, fault injection), as an embedded
-    Ray's workers inherit them. Less what the Ray job running this driver (``action=submit``) already
-    gives every worker: Ray refuses a variable given twice."""
+    Ray's workers inherit them; with ``own_priority``, Ray's setting that leaves their niceness as the
+    node started them (Ray reads it in each worker). Less what the Ray job running this driver
+    (``action=submit``) already gives every worker: Ray refuses a variable given twice."""
     import json
 
     wanted = credentials | {k: v for k, v in os.environ.items() if k.startswith("LAUNCHER_")}
+    wanted |= {"RAY_worker_niceness": "0"} if own_priority else {}
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray's job supervisor
     given = (job.get("runtime_env") or {}).get("env_vars") or {}
     return {k: v for k, v in wanted.items() if k not in given}

@@ -202,7 +202,8 @@ def _train(cfg: Config, timings: dict[str, float], out: Path, uri: str, storage:
     run_id = _open_run_while_ray_starts(cfg, uri, p, name, resume, out, timings)
     payload = {"run_id": run_id, "tracking_uri": uri, "cache_dir": str(cache),
                "run_root": run_path(storage, name, run_id),  # the run's folder in the storage
-               "planning": planning.to_dict(), "dataset_size": size(data.train)}  # to plan again in the workers
+               "planning": planning.to_dict(), "dataset_size": size(data.train),  # to plan again in the workers
+               "niceness": os.nice(0)}  # the launcher's: a worker below it says so
     return _launch(cfg, p, out, storage, name, timings, payload)
 
 

@@ -53,6 +53,7 @@ class Worker:
     tracker: Tracker
     say: Callable[[str], None]  # rank 0's console; a no-op elsewhere
     progress: Callable[[dict[str, Any]], None] | None = None  # rank 0's metrics to the driver's progress display
+    niceness: int = 0  # the launcher's (the driver's) priority: a rank below it says so
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -85,7 +86,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         else NullTracker()
     )
     w = Worker(cfg, plan, recipe, data, ray.train.torch.get_device(), rank, world, tracker, say,
-               link.progress if rank == 0 else None)  # fmt: skip
+               link.progress if rank == 0 else None, payload.get("niceness", 0))  # fmt: skip
     try:
         if cfg.action == "lr_find":
             _lr_find(w)
@@ -251,18 +252,19 @@ def _batches(w: Worker, start_step: int, ledger: SampleLedger | None) -> Iterato
     """This rank's micro-batches from ``start_step`` on (through the sample ledger when it is on)."""
     loader = data_loader(w, start_step, ledger)
     w.say(f"cpus: {w.plan.cpus.cpus_per_worker} per worker: {loader.num_workers} DataLoader process(es), "
-          f"{torch.get_num_threads()} torch thread(s){priority_note(os.nice(0))}")  # as this rank runs  # fmt: skip
+          f"{torch.get_num_threads()} torch thread(s){priority_note(os.nice(0), w.niceness)}")  # as it runs
     return ledger.record(iter(loader)) if ledger else iter(loader)
 
 
-def priority_note(niceness: int) -> str:
-    """What the console line of a rank's CPUs adds when it runs below normal priority: a Ray the user
-    started runs its workers at nice 15 (Ray's ``worker_niceness``), where any busy process beside them
-    on the node comes first; the embedded Ray keeps them at the launcher's own priority."""
-    if niceness <= 0:
+def priority_note(niceness: int, launcher: int) -> str:
+    """What the console line of a rank's CPUs adds when it runs at a lower priority than the launcher
+    (``launcher``: its niceness): a Ray cluster runs its workers at nice 15 (Ray's ``worker_niceness``),
+    where busy processes beside them on the node get the CPUs first; the embedded Ray and a warm one
+    on this machine keep them at the launcher's priority."""
+    if niceness <= launcher:
         return ""
-    return (f"; niceness {niceness}: busy processes beside it on the node come first "
-            "(start Ray with RAY_worker_niceness=0 to run its workers at normal priority)")  # fmt: skip
+    return (f"; niceness {niceness} (the launcher's: {launcher}): busy processes beside it get the CPUs first "
+            "(`RAY_worker_niceness=0 ray start ...` on each node keeps Ray's workers at normal priority)")  # fmt: skip
 
 
 def data_loader(w: Worker, start_step: int, ledger: SampleLedger | None) -> DataLoader:

@@ -89,7 +89,8 @@ def free_port() -> int:
 
 
 # A test's Ray runs its workers at normal priority, as the launcher's embedded Ray does: at Ray's default
-# (nice 15) they wait behind the other test process's busy ones, and a test's time follows its neighbour's
+# (nice 15) they wait behind the other test process's busy ones, and a test's time follows its neighbour's.
+# A caller's env may set Ray's default again (tests/integration/test_cluster.py)
 NORMAL_PRIORITY = {"RAY_worker_niceness": "0"}
 
 
@@ -113,7 +114,7 @@ def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterat
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats", *options],
-        env={**env, **NORMAL_PRIORITY, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if others else "0"},  # "0": loopback
+        env={**NORMAL_PRIORITY, **env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if others else "0"},  # "0": loopback
         stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -162,7 +163,7 @@ class RayNode:
                  "--node-ip-address=127.0.0.2", "--num-cpus=1", f"--temp-dir={self.temp}",
                  f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000",
                  "--disable-usage-stats"],
-                env={**env, **NORMAL_PRIORITY}, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                env={**NORMAL_PRIORITY, **env}, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
             deadline = time.time() + 90

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import free_port, launcher, ray_head
+from tests.conftest import free_port, launcher, ray_head, wait_for
 
 TOKEN = secrets.token_hex(32)  # the test cluster's authentication token
 
@@ -33,6 +33,7 @@ def cluster_head() -> Iterator[tuple[str, str, Path]]:
         "RAY_AUTH_MODE": "token",  # as docs/cluster.md tells a cluster's admin
         "RAY_AUTH_TOKEN": TOKEN,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python`
+        "RAY_worker_niceness": "15",  # Ray's default, as a cluster's nodes run: its workers below the launcher
     }
     options = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                "--num-cpus=4"]
@@ -48,6 +49,8 @@ def cluster_head() -> Iterator[tuple[str, str, Path]]:
                 if time.time() > deadline or head.poll() is not None:
                     pytest.fail(f"ray start --head did not come up in 90 s:\n{(temp / 'head.log').read_text()[-3000:]}")
                 time.sleep(0.5)
+        # its job API can answer before `ray start` is done (it writes ray_current_cluster, then says this)
+        wait_for(temp / "head.log", "Ray runtime started", head, "ray start --head")
         yield f"127.0.0.1:{port}", api, temp
 
 
@@ -95,6 +98,8 @@ def test_a_cluster_run_and_a_submitted_job_are_recorded(cluster_head: tuple[str,
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "step 10/10" in run.stdout
     assert any(storage.glob("on-cluster-*/checkpoint_*/state.pt"))  # checkpoints in the shared storage
+    # the cluster's policy is left alone (its workers at nice 15), and rank 0 says what it means
+    assert f"(the launcher's: {os.nice(0)}): busy processes beside it get the CPUs first" in run.stdout
 
     common = ["cluster=ray", f"cluster.address={api}"]
     sent = launcher(*SHORT, *common, f"cluster.storage_path={storage}", "action=submit", "run.name=submitted",
@@ -140,6 +145,7 @@ def test_cluster_local_trains_on_a_warm_ray_it_finds_and_leaves_it_running(
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     said = f"ray: connected to {gcs} (a warm Ray: {where}/ray/ray_current_cluster; authentication: token from "
     assert said in out.stdout and "step 2/2" in out.stdout
+    assert "cpus: " in out.stdout and "get the CPUs first" not in out.stdout  # the launcher's priority
     assert TOKEN not in out.stdout + out.stderr
     assert not (tmp_path / "out" / "logs").exists()  # its logs stay in its own session folder
     ask = urllib.request.Request(f"{api}/api/version", headers={"Authorization": f"Bearer {TOKEN}"})

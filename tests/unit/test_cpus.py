@@ -89,11 +89,17 @@ def test_the_worker_builds_its_dataloader_with_the_plans_loader_processes() -> N
     assert first["x"].shape == (2, 2)
 
 
-def test_a_rank_below_normal_priority_says_why_and_how_to_change_it() -> None:
-    """A Ray the user started runs its workers at nice 15; rank 0's ``cpus:`` line says so (the embedded
-    Ray's workers run at normal priority: ``tests/integration/test_accumulation.py``)."""
+def test_a_rank_below_the_launchers_priority_says_why_and_how_to_change_it() -> None:
+    """A Ray cluster runs its workers at nice 15; rank 0's ``cpus:`` line says so, against the launcher's own
+    niceness (``nice -n 10 python -m launcher`` on an embedded Ray, whose workers then run at 10 too, says
+    nothing). The embedded Ray's workers run at the launcher's priority: ``tests/integration/test_accumulation.py``."""
+    from launcher.cluster import _worker_env
     from launcher.worker import priority_note
 
-    assert priority_note(0) == ""
-    note = priority_note(15)
-    assert "niceness 15" in note and "RAY_worker_niceness=0" in note
+    assert priority_note(0, 0) == "" and priority_note(10, 10) == ""
+    note = priority_note(15, 0)
+    assert "niceness 15 (the launcher's: 0)" in note and "RAY_worker_niceness=0" in note
+    # a warm Ray on this machine: the job's workers at the priority its node started them with (Ray reads
+    # the variable in each worker); a cluster keeps its nodes' policy
+    assert _worker_env({}, own_priority=True)["RAY_worker_niceness"] == "0"
+    assert "RAY_worker_niceness" not in _worker_env({})
