@@ -33,6 +33,10 @@ EXCLUDES = [".git", ".venv", "outputs", "mlruns", "mlflow.db", "*.egg-info", "be
             ".mypy_cache", ".ruff_cache", ".pytest_cache"]
 JOB_STOP_WAIT_S = 120  # SIGTERM -> SIGKILL grace of a stopped job: time to finish a step and checkpoint
 QUIET = "launcher.raylog.quiet"  # worker_process_setup_hook; imports nothing heavy
+# In a job's env: Ray reads it in each worker, which then keeps the niceness of the node that started it
+# instead of lowering itself to 15, below any busy process on the machine (a smoke run beside two busy
+# loops: 210.9 s at nice 15, 48.6 s at 0). For the runs on this machine, as torchrun's processes run
+OWN_PRIORITY = {"RAY_worker_niceness": "0"}
 _embedded = False  # this process started the Ray it is connected to (start_local): stop() removes it
 _token_found = ""  # where authentication() found the token it then used with $RAY_AUTH_MODE unset
 
@@ -117,13 +121,11 @@ def start_local(cpus: int, verbose: bool = False) -> None:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
         configure_logging=True,
-        runtime_env={"worker_process_setup_hook": QUIET},
-        # Ray prestarts one idle worker per CPU for the first driver; with the job's runtime_env (the hook
-        # above) none of them can host this run's actors, so each only costs a process importing Ray while
-        # the MLflow run opens: 0.4-1 s of the start-up on 2 cores. And Ray lowers its workers to nice 15,
-        # below any busy process on the machine (a smoke run beside two busy loops: 210.9 s at nice 15, 48.6 s
-        # at 0): the run's workers keep the launcher's own priority, as torchrun's processes do
-        _system_config={"prestart_worker_first_driver": False, "worker_niceness": 0},
+        runtime_env={"worker_process_setup_hook": QUIET, "env_vars": OWN_PRIORITY},
+        # Ray prestarts one idle worker per CPU for the first driver; with the job's runtime_env (above)
+        # none of them can host this run's actors, so each only costs a process importing Ray while
+        # the MLflow run opens: 0.4-1 s of the start-up on 2 cores
+        _system_config={"prestart_worker_first_driver": False},
     )
     global _embedded
     _embedded = True
@@ -189,13 +191,12 @@ def connect(cluster: Cluster, verbose: bool = False, found: str = "", own_priori
 def _worker_env(credentials: dict[str, str], own_priority: bool = False) -> dict[str, str]:
     """What the workers get from this driver's environment: the tracking server's credentials (never in
     the payload) and the launcher's own variables (the sample ledger, fault injection), as an embedded
-    Ray's workers inherit them; with ``own_priority``, Ray's setting that leaves their niceness as the
-    node started them (Ray reads it in each worker). Less what the Ray job running this driver
+    Ray's workers inherit them; with ``own_priority``, ``OWN_PRIORITY``. Less what the Ray job running this driver
     (``action=submit``) already gives every worker: Ray refuses a variable given twice."""
     import json
 
     wanted = credentials | {k: v for k, v in os.environ.items() if k.startswith("LAUNCHER_")}
-    wanted |= {"RAY_worker_niceness": "0"} if own_priority else {}
+    wanted |= OWN_PRIORITY if own_priority else {}
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray's job supervisor
     given = (job.get("runtime_env") or {}).get("env_vars") or {}
     return {k: v for k, v in wanted.items() if k not in given}

@@ -86,7 +86,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         else NullTracker()
     )
     w = Worker(cfg, plan, recipe, data, ray.train.torch.get_device(), rank, world, tracker, say,
-               link.progress if rank == 0 else None, payload.get("niceness", 0))  # fmt: skip
+               link.progress if rank == 0 else None, payload["niceness"])  # fmt: skip
     try:
         if cfg.action == "lr_find":
             _lr_find(w)

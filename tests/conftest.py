@@ -22,6 +22,8 @@ from typing import Any
 import psutil
 import pytest
 
+from launcher.cluster import OWN_PRIORITY
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # No RAY_AUTH_MODE here: the launcher decides Ray's authentication itself (tests/integration/
@@ -88,12 +90,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# A test's Ray runs its workers at normal priority, as the launcher's embedded Ray does: at Ray's default
-# (nice 15) they wait behind the other test process's busy ones, and a test's time follows its neighbour's.
-# A caller's env may set Ray's default again (tests/integration/test_cluster.py)
-NORMAL_PRIORITY = {"RAY_worker_niceness": "0"}
-
-
 @contextlib.contextmanager
 def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterator[tuple[subprocess.Popen, Path, int]]:
     """``ray start --head`` on 127.0.0.1 with ``options``: (its process, its temp dir, its GCS port).
@@ -103,7 +99,9 @@ def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterat
     is taken by any other Ray on the machine), its output goes to ``head.log`` there, and it is
     stopped by its own process ids. Its dashboard (Ray starts a minimal one even without the UI)
     gets a free port unless ``options`` name one: at Ray's default 8265 it would answer for another
-    Ray's API address. Whether it is up is the caller's check. ``others``: other nodes
+    Ray's API address. Its workers run at normal priority (``OWN_PRIORITY``, as the launcher's runs on this
+    machine; at Ray's nice 15 a test's time followed its neighbour test process's load) unless ``env`` sets
+    ``RAY_worker_niceness``. Whether it is up is the caller's check. ``others``: other nodes
     may join (Ray then registers the machine's address and its servers listen on every interface).
     """
     temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
@@ -114,7 +112,7 @@ def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterat
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats", *options],
-        env={**NORMAL_PRIORITY, **env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if others else "0"},  # "0": loopback
+        env={**OWN_PRIORITY, **env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if others else "0"},  # "0": loopback
         stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -163,7 +161,7 @@ class RayNode:
                  "--node-ip-address=127.0.0.2", "--num-cpus=1", f"--temp-dir={self.temp}",
                  f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000",
                  "--disable-usage-stats"],
-                env={**NORMAL_PRIORITY, **env}, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                env={**OWN_PRIORITY, **env}, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
             deadline = time.time() + 90
