@@ -4,14 +4,15 @@ For each model and budget:
 
 - **planner**: the launcher's memory bound (``plan.max_micro_batch``) from its device-free
   estimate (no training step), at the default ``planner.headroom`` and at 0, each then checked by running
-  that size in a fresh capped process (a failure checked once more, as below);
+  that size in a fresh capped process (as below);
 - **exhaustive**: the true maximum (to within 2%), by growing steps then bisection, each size in a fresh
   process running 2 optimizer steps (the second with optimizer state allocated) under the budget; it
   starts from the largest size the planner's checks ran under the cap (2 when neither fit), so a size
   shown to fit is never above the maximum it finds, with a first step of 2% (then doubling steps), and
-  stops below a size the planner's checks saw fail; a size counts as over the budget only when a second
-  fresh process fails at it too (a capped process now and then crashes outside torch at a size that
-  fits, and one such failure would lower the maximum found), and a failure in a process that started a
+  stops below a size the planner's checks saw fail; a size counts as over the budget when torch's
+  allocator runs out in its process (a fresh process allocates the same each time), or when its process
+  dies without a result twice (below: a capped process now and then crashes outside torch at a size that
+  fits, and one such failure would lower the maximum found); a failure in a process that started a
   thread under the cap (whose stack the budget then paid for) is run again; every trial is in the JSON
   (``sizes``), disagreeing ones in ``flaky_sizes``;
 - **lightning**: ``Tuner.scale_batch_size`` with ``mode="binsearch"`` (3 steps per trial): it doubles from 2
@@ -99,6 +100,8 @@ class Setup:
         self.overrides = overrides
         self.cfg = load(overrides)
         self.recipe = RECIPES[self.cfg.recipe.name]
+        with torch.device("meta"):  # the model's libraries imported here, once, not in every child; no data, no
+            self.recipe.build_model(self.cfg)  # kernel runs on the meta device, so no OpenMP pool exists at a fork
 
     @functools.cached_property
     def sample(self) -> dict[str, torch.Tensor]:
@@ -117,8 +120,9 @@ class Setup:
     def batch(self, n: int) -> dict[str, torch.Tensor]:
         return {k: v.expand(n, *v.shape[1:]).clone() for k, v in self.sample.items()}
 
-    def steps(self, model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, count: list[int]) -> None:
-        for _ in range(STEPS):
+    def steps(self, model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, count: list[int],
+              steps: int = STEPS) -> None:  # fmt: skip
+        for _ in range(steps):
             count[0] += 1
             with onednn_oom():
                 out = model(self.batch(n))
@@ -193,7 +197,7 @@ def _capped_child(setup: Setup, budget_gb: float, body: Callable[[], dict[str, A
         libc.mallopt(-8, 1)  # M_ARENA_MAX: no per-thread arenas reserving address space
         torch.set_num_threads(2)
         model = setup.model()
-        setup.steps(model, setup.optimizer(model), 2, [0])  # warm-up: thread pools, kernels
+        setup.steps(model, setup.optimizer(model), 2, [0], steps=1)  # warm-up: thread pools, kernels
         del model
         gc.collect()
         base, threads = _vm("VmSize"), _threads()
@@ -229,6 +233,18 @@ def trial(setup: Setup, budget_gb: float, n: int) -> dict[str, Any]:
     return _capped(setup, budget_gb, body)
 
 
+def checked(setup: Setup, budget_gb: float, n: int) -> dict[str, Any]:
+    """``trial`` at ``n``, run again where a failure may not be the size's: the budget paid for a thread started
+    under the cap. A child that died (a crash outside torch) was run again by ``_capped``; dying twice, and an
+    out-of-memory error in torch's allocator (a fresh process allocates the same each time), count as too big."""
+    r = trial(setup, budget_gb, n)
+    if not r.get("fits") and r.get("threads", [0, 0])[1] > r.get("threads", [0, 0])[0]:
+        r = {**trial(setup, budget_gb, n), "threads_grew": r}
+    if r.get("died"):
+        return {"n": n, "fits": False, "died": r["error"]}
+    return r
+
+
 def exhaustive(
     setup: Setup, budget_gb: float, start: dict[str, Any] | None = None, over: int | None = None
 ) -> dict[str, Any]:
@@ -236,26 +252,15 @@ def exhaustive(
     ``start``: a trial (``trial``'s result) that fitted, the search's lower end (None: from 2, doubling);
     from it the first step is the bisection's final width (1/PRECISION), each next one twice the last, so
     a start within 5% of the maximum costs two sizes, not a doubling and a bisection back down. ``over``:
-    a size already seen to fail twice (the planner's checks), the search's upper end (None: not known)."""
+    a size already seen to fail (the planner's checks), the search's upper end (None: not known)."""
     started, trials = time.perf_counter(), [] if start is None else [{**start, "from": "planner"}]
 
-    def once(n: int) -> bool:
-        r = trial(setup, budget_gb, n)
-        if not r.get("fits") and r.get("threads", [0, 0])[1] > r.get("threads", [0, 0])[0]:
-            r = {**trial(setup, budget_gb, n), "threads_grew": r}  # the budget paid for a new thread's stack
-        if r.get("died"):  # killed outright (e.g. a crash in a library whose allocation failed outside torch)
-            r = {"n": n, "fits": False, "died": r["error"]}
-        elif "error" in r:
+    def fits(n: int) -> bool:
+        r = checked(setup, budget_gb, n)
+        if "error" in r and not r.get("died"):
             raise RuntimeError(r["error"])
         trials.append({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
         return bool(r["fits"])
-
-    def fits(n: int) -> bool:
-        # A size too big for the budget fails every time (a fresh process allocates the same each time); a
-        # capped child can also fail now and then at a size that fits (it crashed in a library outside torch,
-        # SIGSEGV), and the bisection assumes monotonicity, so one such failure would lower the maximum.
-        # So a failure counts only when a second fresh process fails at that size too.
-        return once(n) or once(n)
 
     if start is None and not fits(2):  # from 2: BatchNorm refuses one sample per channel in training
         return {"max": 0, "trials": len(trials), "steps": STEPS, "seconds": time.perf_counter() - started}
@@ -305,12 +310,7 @@ def planner(setup: Setup, budget_gb: float) -> dict[str, Any]:
     result = _forked(child)
     if "error" in result:
         return result
-    checks = {}
-    for key in ("max", "max_headroom_0"):
-        check = trial(setup, budget_gb, result[key])
-        if not check.get("fits"):  # as in the exhaustive search: an over-budget size fails a second time too
-            check = {**trial(setup, budget_gb, result[key]), "first_check": check}
-        checks[key] = check
+    checks = {key: checked(setup, budget_gb, result[key]) for key in ("max", "max_headroom_0")}
     return {**result, "fits": checks["max"].get("fits"), "measured_peak_gb_at_max": checks["max"].get("peak_gb"),
             "fits_headroom_0": checks["max_headroom_0"].get("fits"), "check": checks["max"],
             "check_headroom_0": checks["max_headroom_0"]}

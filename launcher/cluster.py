@@ -256,6 +256,7 @@ def stop(logs: Path) -> Path | None:
     its session folder on its nodes (this one's when it is here)."""
     import psutil
     import ray
+    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
 
     global _embedded
     if not ray.is_initialized():
@@ -264,12 +265,17 @@ def stop(logs: Path) -> Path | None:
     node = ray._private.worker._global_node
     session = Path(node.get_session_dir_path()) if node is not None else None
     started = psutil.Process().children(recursive=True) if embedded else []  # GCS, raylet, its workers
+    if embedded and node is not None:
+        # Ray's autoscaler monitor answers SIGTERM by reporting its own end through the GCS, which ray.shutdown
+        # stops first: every run waited out Ray's 1 s grace for it. An embedded Ray has nothing to scale.
+        for info in node.all_processes.get(PROCESS_TYPE_MONITOR, []):
+            with contextlib.suppress(OSError):
+                info.process.kill()
     ray.shutdown()
     if embedded:  # the embedded Ray's address is gone with it
         for var in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
             os.environ.pop(var, None)
-    _, alive = psutil.wait_procs(started, timeout=10)
-    for proc in alive:
+    for proc in _running(started, timeout=10):
         with contextlib.suppress(psutil.Error):
             proc.kill()
     logged = session / "logs" if session is not None and (session / "logs").is_dir() else None
@@ -283,6 +289,22 @@ def stop(logs: Path) -> Path | None:
     if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
         latest.unlink()
     return logs
+
+
+def _running(procs: list[Any], timeout: float) -> list[Any]:
+    """Those of ``procs`` (``psutil.Process``) still running after up to ``timeout`` seconds. A zombie has ended
+    (its files closed): waiting until its new parent reaps it, as ``psutil.wait_procs`` does, cost 1 s a run."""
+    import psutil
+
+    def running(p: Any) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+        return False
+
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in procs if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
 
 
 def hardware(cluster: Cluster) -> Hardware:

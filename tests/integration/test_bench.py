@@ -34,8 +34,8 @@ def test_bench_script_runs_under_torchrun(script: str, args: list[str], keys: se
 
 def test_batch_finders_tiny_run(tmp_path: Path) -> None:
     """ResNet-18 at 32 px under a 0.25 GB cap: all four ways finish, the cap binds, and the planner's bound
-    fits: it ran 2 optimizer steps in a fresh capped process (a failure is run twice, so one spurious failure
-    of a capped process does not fail it). The true maximum is searched from the largest planner size that
+    fits: it ran 2 optimizer steps in a fresh capped process (a capped process that crashed is run again, so
+    one spurious crash does not fail it). The true maximum is searched from the largest planner size that
     fit, so a spurious failure cannot put it below a size shown to fit either."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "batch_finders.py"), "--scenario=cnn", "--budget=0.25",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -359,3 +360,29 @@ def test_a_run_whose_checkpoints_are_all_unreadable_stops_instead_of_starting_ov
     with pytest.raises(RuntimeError, match="none of the 2 checkpoints of this run could be read; run.resume=false"):
         saver.restore(dirs, warnings.append)
     assert len(warnings) == 2 and "no older checkpoint is left" in warnings[1]
+
+
+def test_the_wait_for_rays_processes_counts_a_zombie_as_ended_and_keeps_one_still_running() -> None:
+    """``cluster.stop`` waits for the embedded Ray's processes to end: one that has ended but whose parent has not
+    reaped it yet (a zombie: its files closed) does not hold the run's end up; one still running is returned."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from launcher.cluster import _running
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        zombie = psutil.Process(ended.pid)
+        deadline = time.monotonic() + 60
+        while zombie.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _running([zombie], timeout=60) == []
+        assert zombie.status() == psutil.STATUS_ZOMBIE  # returned before anyone reaped it
+        assert _running([psutil.Process(running.pid)], timeout=0.2) == [psutil.Process(running.pid)]
+    finally:
+        running.kill()
+        running.wait()
+        ended.wait()
