@@ -265,7 +265,7 @@ def _probe_here(cfg: Config) -> dict[str, dict[int, float | str]]:
     return {"peak": peaks, "step_s": step_s}
 
 
-CACHE_VERSION = 7  # bumped when the estimate or probe method changes, so no stale profile is read
+CACHE_VERSION = 8  # bumped when the estimate or probe method changes, so no stale profile is read
 
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
 
@@ -401,8 +401,10 @@ def _nbytes(t: Any) -> int:
 
 def _convolution_scratch(args: tuple[Any, ...], out: Any) -> int:
     """``aten.convolution``'s scratch on CPU (oneDNN): the weight and the larger of input and output copied into
-    oneDNN's blocked layout."""
-    x, w = args[:2]
+    oneDNN's blocked layout; a transposed convolution (a convolution's backward pass): the output twice."""
+    x, w, transposed = args[0], args[1], args[6]
+    if transposed:
+        return _nbytes(out) + max(_nbytes(x), _nbytes(out))
     return _nbytes(w) + max(_nbytes(x), _nbytes(out))
 
 
@@ -416,9 +418,10 @@ def _convolution_backward_scratch(args: tuple[Any, ...], out: Any) -> int:
 
 
 # Measured with torch's profiler (profile_memory=True: it sees allocations inside an op) on torch 2.14's CPU
-# kernels, 1 and 2 threads, 19 ResNet-shaped convolutions: the forward's scratch within 4% in all of them, the
-# backward's within 5% in 15 (at most 4.6% under), 9 to 58% over in 4 strided ones; docs/planner.md, "Kernel
-# scratch". A GPU's cuDNN workspaces differ: the GPU probe measures them, the headroom covers the rest.
+# kernels, 1 and 2 threads, 19 ResNet-shaped convolutions and 6 others (two transposed, depthwise, 1-D, 3-D,
+# Mask R-CNN's mask head): the forward's scratch within 4% in all of them, the backward's within 5% in 21 (at
+# most 4.6% under), 9 to 58% over in 4 strided ones; docs/planner.md, "Kernel scratch". A GPU's cuDNN
+# workspaces differ: the GPU probe measures them, the headroom covers the rest.
 _SCRATCH: dict[Any, Callable[[tuple[Any, ...], Any], int]] = {
     torch.ops.aten.convolution.default: _convolution_scratch,
     torch.ops.aten.convolution_backward.default: _convolution_backward_scratch,
