@@ -265,7 +265,7 @@ def _probe_here(cfg: Config) -> dict[str, dict[int, float | str]]:
     return {"peak": peaks, "step_s": step_s}
 
 
-CACHE_VERSION = 8  # bumped when the estimate or probe method changes, so no stale profile is read
+CACHE_VERSION = 9  # bumped when the estimate or probe method changes, so no stale profile is read
 
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2, "lamb": 2, "lars": 1}  # fp32 tensors per parameter
 
@@ -411,16 +411,31 @@ def _convolution_scratch(args: tuple[Any, ...], out: Any) -> int:
 def _convolution_backward_scratch(args: tuple[Any, ...], out: Any) -> int:
     """``aten.convolution_backward``'s scratch on CPU (oneDNN): the weight's copy, or the blocked copies of the
     input's gradient and the output's gradient (a strided convolution: of the input's gradient twice, when
-    larger), whichever is more."""
-    grad_out, x, w, stride = args[0], args[1], args[2], args[4]
-    grad_in = _nbytes(x) if args[-1][0] else 0
-    return max(_nbytes(w), grad_in + max(_nbytes(grad_out), grad_in if max(stride) > 1 else 0))
+    larger), whichever is more. Without an input gradient (a first layer, or the first after frozen ones) the
+    weight's gradient reads blocked copies of the input and the output's gradient, the input as it is when it
+    has 3 channels or fewer (an image). An output's gradient not laid out as the input (a view: a ``sum``'s
+    expand, a patch embedding's transpose) is copied once more."""
+    grad_out, x, w, stride, grad_in_wanted = args[0], args[1], args[2], args[4], args[-1][0]
+    g = _nbytes(grad_out)
+    relayout = 0 if grad_out.is_contiguous(memory_format=_layout(x)) else g
+    if not grad_in_wanted:
+        return relayout + max(_nbytes(w), g + (_nbytes(x) if x.shape[1] > 3 else 0))
+    grad_in = _nbytes(x)
+    return relayout + max(_nbytes(w), grad_in + max(g, grad_in if max(stride) > 1 else 0))
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format oneDNN keeps for a convolution's input: channels-last when the input is (and is not also
+    contiguous, as a 1x1 image is), else contiguous."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # Measured with torch's profiler (profile_memory=True: it sees allocations inside an op) on torch 2.14's CPU
 # kernels, 1 and 2 threads, 19 ResNet-shaped convolutions and 6 others (two transposed, depthwise, 1-D, 3-D,
 # Mask R-CNN's mask head): the forward's scratch within 4% in all of them, the backward's within 5% in 21 (at
-# most 4.6% under), 9 to 58% over in 4 strided ones; docs/planner.md, "Kernel scratch". A GPU's cuDNN
+# most 4.6% under), 9 to 58% over in 4 strided ones; 11 without an input gradient within 0.3 MB; whole steps
+# with a sum's expanded or a transposed gradient within 0.5%; docs/planner.md, "Kernel scratch". A GPU's cuDNN
 # workspaces differ: the GPU probe measures them, the headroom covers the rest.
 _SCRATCH: dict[Any, Callable[[tuple[Any, ...], Any], int]] = {
     torch.ops.aten.convolution.default: _convolution_scratch,
