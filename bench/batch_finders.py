@@ -254,6 +254,8 @@ def exhaustive(
     a start within 5% of the maximum costs two sizes, not a doubling and a bisection back down. ``over``:
     a size already seen to fail (the planner's checks), the search's upper end (None: not known)."""
     started, trials = time.perf_counter(), [] if start is None else [{**start, "from": "planner"}]
+    if start is not None and over is not None and over <= start["n"]:
+        over = None  # a size failed below one that fitted (the machine's state): the search finds its own end
 
     def fits(n: int) -> bool:
         r = checked(setup, budget_gb, n)
