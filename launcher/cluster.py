@@ -102,7 +102,8 @@ def start_local(cpus: int, verbose: bool = False) -> None:
     # Its address fixed before it starts, and given to its processes: Ray's own helpers inside
     # them (Ray Train's placement-group cleaner asks the state API with no address) otherwise
     # look for "the" cluster among the machine's GCS processes and fail when another Ray runs
-    os.environ["RAY_GCS_SERVER_PORT"] = str(_free_port())
+    gcs_port, dashboard_port = free_ports(2)
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
     import ray
 
@@ -116,7 +117,7 @@ def start_local(cpus: int, verbose: bool = False) -> None:
         address="local",
         num_cpus=max(os.cpu_count() or 2, cpus),
         include_dashboard=False,
-        dashboard_port=_free_port(),
+        dashboard_port=dashboard_port,
         _node_ip_address="127.0.0.1",
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
@@ -131,12 +132,23 @@ def start_local(cpus: int, verbose: bool = False) -> None:
     _embedded = True
 
 
-def _free_port() -> int:
+def free_ports(count: int) -> list[int]:
+    """``count`` different ports free now on 127.0.0.1, none of them the fixed port of Ray's dashboard agent
+    (52365, inside the range the system hands out: given to the dashboard, Ray refused to start, "trying to use
+    a port number 52365 that is used by other components")."""
     import socket
+    from contextlib import ExitStack
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+
+    ports: list[int] = []
+    with ExitStack() as held:  # each held until all are found, so no two are the same
+        while len(ports) < count:
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            if (port := int(s.getsockname()[1])) != DEFAULT_DASHBOARD_AGENT_LISTEN_PORT:
+                ports.append(port)
+    return ports
 
 
 def connect(cluster: Cluster, verbose: bool = False, found: str = "", own_priority: bool = False) -> str:

@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from launcher.cluster import OWN_PRIORITY
+from launcher.cluster import OWN_PRIORITY, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,9 +84,7 @@ def spawn_gloo(fn: Any, world: int, *args: Any) -> dict[int, Any]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @contextlib.contextmanager

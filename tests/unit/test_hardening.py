@@ -386,3 +386,30 @@ def test_the_wait_for_rays_processes_counts_a_zombie_as_ended_and_keeps_one_stil
         running.kill()
         running.wait()
         ended.wait()
+
+
+def test_the_embedded_rays_ports_are_distinct_and_never_its_dashboard_agents() -> None:
+    """In a network namespace of its own whose free ports are 52364-52369, with 52367 and 52369 taken, the system
+    hands out 52365 first (it tries odd ports first): the fixed port of Ray's dashboard agent, which made the
+    embedded Ray refuse to start when it was given to the dashboard. It is passed over."""
+    import subprocess
+    import sys
+
+    script = """import socket
+taken = [socket.socket(), socket.socket()]
+taken[0].bind(("127.0.0.1", 52367))
+taken[1].bind(("127.0.0.1", 52369))
+first = socket.socket()
+first.bind(("127.0.0.1", 0))
+print(first.getsockname()[1])
+first.close()
+from launcher.cluster import free_ports
+print(*free_ports(2))"""
+    namespace = 'ip link set lo up && sysctl -q -w net.ipv4.ip_local_port_range="52364 52369" && exec "$0" -c "$1"'
+    out = subprocess.run(["unshare", "--net", "sh", "-c", namespace, sys.executable, script],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    system_first, ports = out.stdout.splitlines()
+    assert system_first == "52365"  # what a port of its own would have been
+    chosen = [int(p) for p in ports.split()]
+    assert len(set(chosen)) == 2 and set(chosen) <= {52364, 52366, 52368}
