@@ -104,7 +104,7 @@ def start_local(cpus: int, verbose: bool = False) -> None:
     # look for "the" cluster among the machine's GCS processes and fail when another Ray runs
     gcs_port, dashboard_port = free_ports(2)
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     import ray
 
     # Ray starts a minimal dashboard even without the UI, and records its address (8265 by default)

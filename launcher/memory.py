@@ -401,7 +401,8 @@ def _nbytes(t: Any) -> int:
 
 def _convolution_scratch(args: tuple[Any, ...], out: Any) -> int:
     """``aten.convolution``'s scratch on CPU (oneDNN): the weight and the larger of input and output copied into
-    oneDNN's blocked layout; a transposed convolution (a convolution's backward pass): the output twice."""
+    oneDNN's blocked layout; a transposed convolution (a convolution's backward pass): the output and the larger
+    of input and output."""
     x, w, transposed = args[0], args[1], args[6]
     if transposed:
         return _nbytes(out) + max(_nbytes(x), _nbytes(out))

@@ -102,12 +102,12 @@ def ray_head(*options: str, env: dict[str, str], others: bool = False) -> Iterat
     may join (Ray then registers the machine's address and its servers listen on every interface).
     """
     temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
-    port = free_port()
+    port, dashboard, agent = free_ports(3)  # distinct, none of them 52365
     if not any(o.startswith("--dashboard-port=") for o in options):
-        options = (*options, f"--dashboard-port={free_port()}")
+        options = (*options, f"--dashboard-port={dashboard}")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={port}", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--port={port}", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={agent}",
          "--disable-usage-stats", *options],
         env={**OWN_PRIORITY, **env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if others else "0"},  # "0": loopback
         stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
