@@ -1,9 +1,10 @@
 """The driver's console: the plan, then the run as rank 0 reports it.
 
-Rank 0 posts its lines (evaluation, checkpoints, resumes, warnings from the tracker) and each log
-step's metrics from the Trainer's metrics hook to the run's control actor (``launcher/control.py``);
-every rank posts its Python warnings there too. The driver drains them every ``DRAIN_S`` while Ray
-Train runs, and once more when it returns, and shows them here. No worker prints to the console.
+Rank 0 posts its lines (evaluation, checkpoints, resumes) and each log step's progress from the
+Trainer's metrics hook to the run's control actor (``launcher/control.py``); every rank posts its
+Python warnings there too. The driver drains them every ``DRAIN_S`` while Ray Train runs, and once
+more when it returns, and shows them here (rank 0's metrics for MLflow travel the same way and go to
+the driver's tracker instead). No worker prints to the console.
 
 On a terminal (rich): the plan as a table, then one progress bar for the run (step / max steps,
 loss, lr, samples/s and the ETA, all as the metrics hook computed them, and the world size when it
@@ -18,7 +19,7 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from launcher.planner import describe, plan_rows
@@ -133,9 +134,10 @@ def duration(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def follow(actor: Any, world_size: int) -> Iterator[Display]:
-    """While the block runs (Ray Train's ``fit``), the run's events drained from its control actor and shown;
-    once more after it, so the last step's line, the final evaluation and checkpoint are shown too."""
+def follow(actor: Any, world_size: int, record: Callable[[dict[str, Any]], bool]) -> Iterator[Display]:
+    """While the block runs (Ray Train's ``fit``), the run's events drained from its control actor and shown,
+    those that ``record`` takes (rank 0's metrics for MLflow) excepted; once more after it, so the last step's
+    line, the final evaluation and checkpoint are shown too."""
     import ray
 
     if terminal():
@@ -148,7 +150,8 @@ def follow(actor: Any, world_size: int) -> Iterator[Display]:
 
     def drain() -> None:
         for event in ray.get(actor.take.remote(), timeout=30):
-            display.show(event)
+            if not record(event):
+                display.show(event)
 
     def loop() -> None:
         while not done.wait(DRAIN_S):

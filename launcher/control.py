@@ -1,11 +1,11 @@
 """What passes between the driver and rank 0 while a run trains, on whatever node rank 0 is.
 
-Four things: a graceful stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``), the
-metrics rank 0 could not send to MLflow by the end of training, which worker group trains
-(its world size and the last step it finished: what a restart, or an elastic resize, follows),
-and what the driver's console shows (rank 0's lines and metrics, every rank's Python warnings:
-``launcher/console.py`` drains them). All go through a tiny named Ray actor that the driver
-creates for the run, so none needs a shared filesystem.
+Three things: a graceful stop asked on the driver (Ctrl-C, SIGTERM, ``action=stop``), which
+worker group trains (its world size and the last step it finished: what a restart, or an elastic
+resize, follows), and events for the driver (``launcher/console.py`` drains them): rank 0's lines,
+its metrics and records for MLflow (``launcher/tracking.py``: the driver sends them) and every
+rank's Python warnings. All go through a tiny named Ray actor that the driver creates for the run,
+so none needs a shared filesystem.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ class RunControl:
 
     def __init__(self) -> None:
         self._stop = False
-        self._backlog: dict[str, Any] | None = None
         self._group: dict[str, Any] | None = None  # the worker group training now, or the last one
         self._events: list[dict[str, Any]] = []  # for the driver's console, oldest first
 
     def post(self, event: dict[str, Any]) -> None:
-        """A line, a log step's metrics or a warning for the driver's console (``launcher/console.py``)."""
+        """A line, a log step's progress, metrics or a record for MLflow, or a warning, for the driver."""
         self._events.append(event)
 
     def take(self) -> list[dict[str, Any]]:
@@ -52,12 +51,6 @@ class RunControl:
 
     def stop_asked(self) -> bool:
         return self._stop
-
-    def keep(self, backlog: dict[str, Any]) -> None:
-        self._backlog = backlog
-
-    def kept(self) -> dict[str, Any] | None:
-        return self._backlog
 
 
 def actor_name(run_id: str) -> str:
@@ -98,14 +91,10 @@ class StopPoll:
     def reached(self, step: int) -> None:
         self._actor.reached.remote(step)  # ordered after this caller's earlier calls; no reply awaited
 
-    def keep(self, backlog: dict[str, Any]) -> None:
-        """Hand metrics that could not be sent to the driver, which sends or spools them."""
-        self._ray.get(self._actor.keep.remote(backlog), timeout=30)
-
 
 class ConsoleLink:
-    """A rank's side of the driver's console: events posted to the run's control actor without waiting
-    for a reply, in the order this process sends them (Ray runs one caller's calls in order)."""
+    """A rank's side of the driver's console and tracking: events posted to the run's control actor without
+    waiting for a reply, in the order this process sends them (Ray runs one caller's calls in order)."""
 
     def __init__(self, run_id: str, rank: int) -> None:
         import ray
@@ -116,8 +105,9 @@ class ConsoleLink:
         """One line on the driver's console (rank 0's ``say``)."""
         self._actor.post.remote({"line": text})
 
-    def progress(self, event: dict[str, Any]) -> None:
-        """A log step's metrics from the Trainer's metrics hook, with its plain line (``event["line"]``)."""
+    def post(self, event: dict[str, Any]) -> None:
+        """Any event: a log step's progress from the Trainer's metrics hook, with its plain line
+        (``event["line"]``), or rank 0's metrics and records (``tracking.PostTracker``)."""
         self._actor.post.remote(event)
 
     def flush(self) -> None:

@@ -122,8 +122,8 @@ class Metrics(HookBase):
     driver's progress display (``Trainer.progress``), or the line said. Throughput counts
     training time only (``Trainer.clock``: evaluation and checkpoints pause it). Nothing goes to
     Ray Train here: its ``report`` waits until the controller has taken the previous one (it polls
-    every 2 s), which capped a smoke run at one log window per 2 s; rank 0 logs to MLflow itself,
-    and checkpoints are reported.
+    every 2 s), which capped a smoke run at one log window per 2 s; rank 0's tracker posts the metrics
+    to the driver, which logs them to MLflow (``launcher/tracking.py``), and checkpoints are reported.
     """
 
     def __init__(self, log_every: int, extras: list[Callable[[], dict[str, float]]]) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ from launcher.planner import (
 )
 from launcher.tracking import (
     DEFAULT_STORE,
+    MlflowTracker,
     finish_run,
     mask,
+    record,
     reopen_run,
     resolve_uri,
     split_credentials,
@@ -260,31 +263,39 @@ def _open_run(cfg: Config, uri: str, p: Plan, name: str, resume: Resume | None) 
 def _launch(
     cfg: Config, p: Plan, out: Path, storage: str, name: str, timings: dict[str, float], payload: dict[str, Any]
 ) -> int:
-    """Ray (embedded, already started, or connected): the run's control actor, Ray Train; the MLflow run and an
-    embedded Ray closed whatever happens."""
+    """Ray (embedded, already started, or connected): the run's control actor, Ray Train; rank 0's metrics sent to
+    MLflow as they come (``tracking.record``); the MLflow run and an embedded Ray closed whatever happens."""
+    import ray
+
     from launcher import cluster, console, control
 
     run_id, uri = payload["run_id"], payload["tracking_uri"]
     run_dir, logs = _run_dir(name, run_id), Path(run_path(out / "logs", name, run_id))
-    status, backlog = "FAILED", None
+    status, kept = "FAILED", list[dict[str, Any]]()  # kept: what the tracker could not send (an outage)
+    tracker = MlflowTracker(uri, run_id, kept.append, lambda line: print(line, flush=True),
+                            cfg.tracking.system_metrics_s)  # fmt: skip
+    here = payload["driver_node"] = ray.get_runtime_context().get_node_id()
+    closed = False
     try:
         actor = control.create(run_id)
         # after ray.init, which sets its own SIGTERM handler; the console shows what rank 0 reports
-        with _graceful_stop(actor) as stop, console.follow(actor, p.world_size):
+        with _graceful_stop(actor) as stop, console.follow(actor, p.world_size, partial(record, tracker, here)):
             result = _fit(cfg, p, storage, run_dir, timings, payload)
-        backlog = _ray_get(actor.kept.remote())
         if result.error is not None:
             print(failure_report(str(result.error)), flush=True)
-        elif stop.asked:
-            status = "KILLED"
-            print(f"stopped as asked; resume with run.name={name}", flush=True)
         else:
-            status = "FINISHED"
-            if cfg.action == "lr_find":
-                from mlflow.tracking import MlflowClient
+            tracker.close()  # the backlog of an outage waited for (30 s), before the status or lr_find's read
+            closed = True
+            if stop.asked:
+                status = "KILLED"
+                print(f"stopped as asked; resume with run.name={name}", flush=True)
+            else:
+                status = "FINISHED"
+        if status == "FINISHED" and cfg.action == "lr_find":
+            from mlflow.tracking import MlflowClient
 
-                metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
-                print(lr_find_summary(metrics, p, cfg), flush=True)
+            metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+            print(lr_find_summary(metrics, p, cfg), flush=True)
     except Exception as e:  # noqa: BLE001 - Ray raises its own wrapper; the run is marked failed
         report = f"{type(e).__name__}: {e}"
         print(failure_report(report), flush=True)
@@ -292,10 +303,12 @@ def _launch(
         status = "KILLED"
         raise
     finally:
-        kept = cluster.stop(logs)
-        finish_run(uri, run_id, status, backlog, out / "spool" / f"{run_id}.json")
-    if status == "FAILED" and kept is not None:  # the workers' own output is not on the console (run.verbose)
-        print(f"Ray's and the workers' logs: {kept}/", flush=True)
+        if not closed:
+            tracker.close(patience_s=0)  # after a failure, one more try; what is left goes to finish_run
+        ray_logs = cluster.stop(logs)
+        finish_run(uri, run_id, status, kept[0] if kept else None, out / "spool" / f"{run_id}.json")
+    if status == "FAILED" and ray_logs is not None:  # the workers' own output is not on the console (run.verbose)
+        print(f"Ray's and the workers' logs: {ray_logs}/", flush=True)
     print(f"mlflow: run {run_id} {status.lower()}; see it with `make mlflow-ui`", flush=True)
     return {"FINISHED": 0, "KILLED": 130}.get(status, 1)
 

@@ -1,22 +1,24 @@
-"""MLflow tracking: the driver opens and closes the run, rank 0 logs metrics into it.
+"""MLflow tracking, all of it on the driver: it opens the run, logs what rank 0 reports, closes the run.
 
 The driver creates the run before any worker starts (so config and plan are recorded even
-if training never begins) and sets its final status. Inside the workers, rank 0 gets an
-``MlflowTracker`` for that run id; every other rank gets a ``NullTracker``. Nothing else
-checks the rank for logging.
+if training never begins) and sets its final status. Rank 0's tracker (``PostTracker``) sends each
+log step's metrics and each record to the driver through the run's control actor
+(``launcher/control.py``), beside the console's lines; the driver's ``MlflowTracker`` sends them to
+MLflow (``record``). No worker imports MLflow to train: that took rank 0 about 1.5 s of CPU before
+its first step. Every other rank gets a ``NullTracker``. Nothing else checks the rank for logging.
 
 A tracking server that goes away mid-run does not stop training: ``MlflowTracker`` keeps
-what it could not send, retries every ``RETRY_S`` seconds without blocking the step, and
-sends the backlog when the server is back. What is still unsent at the end is handed to the
-driver (through the run's control actor, ``launcher/control.py``), which sends it after
-training or, if the server is still away, writes it to a spool file and says where. Only an
-outage is waited out (no connection, a timeout, HTTP 5xx or 429): a metric key the server
-rejects is named once and its values dropped, the rest still sent; a run deleted on the server
-is reported once and no longer written to.
+what it could not send, retries every ``RETRY_S`` seconds without holding up the console, and
+sends the backlog when the server is back. What is still unsent when training ends is sent by
+``finish_run`` or, if the server is still away, written to a spool file, and the console says
+where. Only an outage is waited out (no connection, a timeout, HTTP 5xx or 429): a metric key the
+server rejects is named once and its values dropped, the rest still sent; a run deleted on the
+server is reported once and no longer written to.
 
-Rank 0's tracker also samples its node's CPU, memory, disk, network and (with ``nvidia-ml-py``
-and an NVIDIA GPU) GPU figures into the run as ``system/...`` metrics, with MLflow's own monitor
-(``SystemMetrics``), every ``tracking.system_metrics_s`` seconds.
+The run also gets rank 0's node's CPU, memory, disk, network and (with ``nvidia-ml-py`` and an
+NVIDIA GPU) GPU figures as ``system/...`` metrics, from MLflow's own monitor (``SystemMetrics``),
+every ``tracking.system_metrics_s`` seconds: sampled by the driver while rank 0 runs on the
+driver's node (always, on ``cluster=local``), else by rank 0 on its own node.
 """
 
 from __future__ import annotations
@@ -159,8 +161,45 @@ class SystemMetrics:
                 monitor.mlflow_logger.flush()
 
 
+class PostTracker:
+    """Rank 0's tracker: metrics and records go to the driver (``post``: an event to the run's control actor,
+    sent without waiting), whose ``MlflowTracker`` sends them on (``record``). ``node`` is rank 0's Ray node;
+    ``system`` samples it when the driver is elsewhere (None when the driver samples it, or no sampling):
+    started with the first metrics (importing MLflow then, on that node only), it is not started again
+    after it stopped at a failed request (the driver knows of outages, this node does not)."""
+
+    def __init__(self, post: Callable[[dict[str, Any]], None], node: str, system: SystemMetrics | None) -> None:
+        self.post, self.node, self.system = post, node, system
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.system is not None:
+            self.system.start()
+        values = {k: float(v) for k, v in metrics.items()}
+        self.post({"metrics": values, "step": step, "at": int(time.time() * 1000), "node": self.node})
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.post({"dict": data, "name": name})
+
+    def close(self, patience_s: float = 30.0) -> None:
+        """The driver sends what was posted; only this node's sampling ends here."""
+        if self.system is not None:
+            self.system.stop(last=True)
+
+
+def record(tracker: MlflowTracker, node: str, event: dict[str, Any]) -> bool:
+    """On the driver (on ``node``): a ``PostTracker``'s event sent to MLflow; False for any other event."""
+    if "metrics" in event:
+        tracker.samples_here = event["node"] == node  # rank 0 on this node: its system figures sampled here
+        tracker.log_metrics(event["metrics"], event["step"], event["at"])
+    elif "dict" in event:
+        tracker.log_dict(event["dict"], event["name"])
+    else:
+        return False
+    return True
+
+
 class MlflowTracker:
-    """Rank 0's handle on the run the driver opened; survives a tracking server outage.
+    """The driver's handle on the run it opened, for what rank 0 reports; survives a tracking server outage.
 
     What no retry fixes (``_transient`` says which errors are worth waiting out) is not kept:
     a metric key the server rejects is reported once and its values dropped (the rest of the
@@ -191,14 +230,16 @@ class MlflowTracker:
         self.unsent = 0  # metric values not sent because the run is gone
         # started with the first metrics (training has begun); after an outage, again; stopped by close()
         self.system = SystemMetrics(uri, run_id, system_metrics_s) if system_metrics_s > 0 else None
+        self.samples_here = True  # rank 0 runs on this node (``record`` says, event by event)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, at_ms: int | None = None) -> None:
+        """``at_ms``: when rank 0 logged them (milliseconds since the epoch); now if not given."""
         if self.gone is not None:
             self.unsent += len(metrics)
             return
         if self.system is not None and self.down_since is None:
-            self.system.start()
-        now = int(time.time() * 1000)
+            self.system.start() if self.samples_here else self.system.stop()
+        now = int(time.time() * 1000) if at_ms is None else at_ms
         for k, v in metrics.items():
             if k in self.refused:
                 self.refused[k] += 1
@@ -285,7 +326,7 @@ class MlflowTracker:
         while not self.flush(wait=True):
             if time.monotonic() > deadline:
                 self.keep({"metrics": self.pending, "dicts": [[d, n] for d, n in self.pending_dicts]})
-                self.say(f"tracking: {len(self.pending)} metric values not sent yet; handed to the launcher")
+                self.say(f"tracking: {len(self.pending)} metric values not sent yet")
                 break
             time.sleep(RETRY_S)
         if self.refused:
@@ -460,7 +501,7 @@ def reopen_run(uri: str, run_id: str, plan: dict[str, Any], step: int) -> None:
 
 
 def finish_run(uri: str, run_id: str, status: str, backlog: dict[str, Any] | None, spool: Path) -> None:
-    """Send what rank 0 could not (if anything) and set the run's final status; never raises.
+    """Send what the tracker could not (if anything) and set the run's final status; never raises.
 
     If the store is still unreachable, the backlog goes to ``spool`` (JSON) and the console says so;
     metric keys the server rejects are dropped and named; a run deleted on the server is said to be.
@@ -482,7 +523,7 @@ def finish_run(uri: str, run_id: str, status: str, backlog: dict[str, Any] | Non
                         f"tracking: the server rejected metric {_show(key)} ({why}); {count} values dropped", flush=True
                     )
                 sent = len(metrics) - sum(n for n, _ in rejected.values())
-                print(f"tracking: sent {sent} metric values rank 0 could not", flush=True)
+                print(f"tracking: sent {sent} metric values kept through the outage", flush=True)
             client.set_terminated(run_id, status)
         except Exception as e:
             if not isinstance(e, _RunGone) and not _transient(e):

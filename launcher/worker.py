@@ -34,7 +34,7 @@ from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import apply_plan, build_optimizer, build_scheduler
 from launcher.planner import Plan
 from launcher.step import Batch, DDPStep, DeepSpeedStep, StepScalars, evaluate
-from launcher.tracking import MlflowTracker, NullTracker, Tracker
+from launcher.tracking import NullTracker, PostTracker, SystemMetrics, Tracker
 from launcher.trainer import StepFn, Trainer
 from recipes import RECIPES, Recipe
 
@@ -80,24 +80,30 @@ def train_loop(payload: dict[str, Any]) -> None:
     link = ConsoleLink(payload["run_id"], rank)  # the driver's console (launcher/console.py)
     link.forward_warnings()
     say = link.say if rank == 0 else (lambda _msg: None)
-    tracker: Tracker = (
-        MlflowTracker(payload["tracking_uri"], payload["run_id"], poll.keep, say, cfg.tracking.system_metrics_s)
-        if poll is not None
-        else NullTracker()
-    )
+    tracker: Tracker = rank_zero_tracker(cfg, payload, link) if rank == 0 else NullTracker()
     w = Worker(cfg, plan, recipe, data, ray.train.torch.get_device(), rank, world, tracker, say,
-               link.progress if rank == 0 else None, payload["niceness"])  # fmt: skip
+               link.post if rank == 0 else None, payload["niceness"])  # fmt: skip
     try:
         if cfg.action == "lr_find":
-            _lr_find(w)
+            _lr_find(w, payload["tracking_uri"], payload["run_id"])
         else:
             build_trainer(w, payload, poll, stamps).fit()
     except BaseException:
-        tracker.close(patience_s=0)  # one try to send, the rest to the driver; the system monitor stopped
+        tracker.close(patience_s=0)  # a system monitor on this node stopped; the driver sends what was posted
         link.flush()  # the lines before the failure reach the driver's console too
         raise
     tracker.close()
     link.flush()  # before Ray Train ends this process: the driver's last drain finds every line
+
+
+def rank_zero_tracker(cfg: Config, payload: dict[str, Any], link: ConsoleLink) -> PostTracker:
+    """Rank 0's metrics and records to the driver, which sends them to MLflow; this node's system figures
+    sampled here only when the driver runs elsewhere (it samples its own node)."""
+    node = ray.get_runtime_context().get_node_id()
+    every = cfg.tracking.system_metrics_s
+    away = every > 0 and node != payload["driver_node"]
+    system = SystemMetrics(payload["tracking_uri"], payload["run_id"], every) if away else None
+    return PostTracker(link.post, node, system)
 
 
 def replan(cfg: Config, payload: dict[str, Any], world: int, rank: int) -> Plan:
@@ -319,7 +325,7 @@ def _upload_then_manifest(
     return persisted
 
 
-def _lr_find(w: Worker) -> None:
+def _lr_find(w: Worker, uri: str, run_id: str) -> None:
     """``action=lr_find`` on every rank; rank 0 logs the curve and suggestion, all report the suggestion."""
     from launcher import lr_find
 
@@ -338,10 +344,12 @@ def _lr_find(w: Worker) -> None:
     found = lr_find.suggest(tried, lr_find.smooth(losses), w.cfg.lr_find.diverge)
     for i, (lr, loss) in enumerate(zip(tried, losses, strict=True)):
         w.tracker.log_metrics({"lr_find_lr": lr, "lr_find_loss": loss}, i + 1)
-    if isinstance(w.tracker, MlflowTracker):
+    if w.rank == 0:  # the curve's files: the one upload a worker makes itself (its MLflow import after the sweep)
+        from mlflow.tracking import MlflowClient
+
         with tempfile.TemporaryDirectory() as tmp:
             for path in lr_find.save_curve(tried, losses, found, Path(tmp)):
-                w.tracker.client.log_artifact(w.tracker.run_id, str(path), "lr_find")
+                MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path), "lr_find")
     summary = {f"lr_find_{k}": v for k, v in found.items() if v is not None} | {"lr_find_steps": len(tried)}
     w.tracker.log_metrics(summary, len(tried))
     w.tracker.log_dict({**found, "steps": len(tried), "global_batch": plan.global_batch}, "lr_find/result.json")

@@ -9,6 +9,7 @@ front of the server; MLflow's client and server are the real ones throughout.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launcher.tracking import MlflowTracker, finish_run
+from launcher.tracking import MlflowTracker, finish_run, record
 from tests.conftest import free_port, start_mlflow_server
 
 BAD_CHARS, TOO_LONG = "bad key!", "k" * 300  # MLflow's server answers 400 INVALID_PARAMETER_VALUE to both
@@ -139,6 +140,46 @@ class Gate:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+RANK_ZERO = """
+import json, sys
+from launcher.tracking import PostTracker
+events = []
+tracker = PostTracker(events.append, "node-a", None)
+tracker.log_metrics({"loss": 0.5, "lr": 1e-3}, 3)
+tracker.log_dict({"micro_batch": 32}, "oom/step_3.json")
+tracker.close()
+print(json.dumps({"events": events, "mlflow": sorted(m for m in sys.modules if m.startswith("mlflow"))}))
+"""
+
+
+def test_rank_zeros_metrics_reach_mlflow_through_the_driver_and_no_worker_imports_it(
+    server: str, tmp_path: Path
+) -> None:
+    """Rank 0's tracker only posts events (in a fresh interpreter: no MLflow module loaded); the driver's
+    ``record`` sends them with rank 0's step and time, and samples system figures only for its own node."""
+    rank_zero = subprocess.run([sys.executable, "-c", RANK_ZERO], capture_output=True, text=True, check=True)
+    out = json.loads(rank_zero.stdout)
+    assert out["mlflow"] == []
+    events = [*out["events"], {"line": "checkpoint at step 3"}]
+    run_id, said, kept = new_run(server), [], []
+    tracker = MlflowTracker(server, run_id, kept.append, said.append, system_metrics_s=0.2)
+
+    def monitors() -> int:
+        return sum(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
+
+    assert [record(tracker, "node-b", e) for e in events] == [True, True, False]  # rank 0 on another node
+    assert monitors() == 0  # that node samples itself
+    assert record(tracker, "node-a", {**events[0], "step": 4})  # rank 0 on the driver's node
+    assert monitors() == 1
+    tracker.close()
+    assert monitors() == 0 and said == [] and kept == []
+    client = MlflowClient(tracking_uri=server)
+    loss = [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(loss) == [(3, 0.5, events[0]["at"]), (4, 0.5, events[0]["at"])]
+    record_file = client.download_artifacts(run_id, "oom/step_3.json", str(tmp_path))
+    assert json.loads(Path(record_file).read_text()) == {"micro_batch": 32}
 
 
 def test_a_run_deleted_on_the_server_is_reported_once_and_left_alone(
@@ -327,6 +368,6 @@ def test_a_run_deleted_while_it_launches_does_not_stop_training_and_is_reported_
     assert "step 10/10" in console, console[-3000:]
     assert console.count(f"tracking: run {run_id} at {server} is deleted; training goes on") == 1, console[-3000:]
     assert f"tracking: run {run_id} at {server} is deleted; its final status FINISHED is not recorded" in console
-    assert "cannot reach" not in console and "handed to the launcher" not in console
+    assert "cannot reach" not in console and "not sent yet" not in console
     assert not (shared_outputs / "spool" / f"{run_id}.json").exists()
     assert steps(server, run_id, "loss") == []  # nothing was written after the deletion
