@@ -146,12 +146,13 @@ def follow(actor: Any, world_size: int, record: Callable[[dict[str, Any]], bool]
         display = Display(world_size, Console(highlight=False))
     else:
         display = Display(world_size, None)
-    done = threading.Event()
+    done, one = threading.Event(), threading.Lock()  # one drain at a time: ``record`` is not thread-safe
 
     def drain() -> None:
-        for event in ray.get(actor.take.remote(), timeout=30):
-            if not record(event):
-                display.show(event)
+        with one:
+            for event in ray.get(actor.take.remote(), timeout=30):
+                if not record(event):
+                    display.show(event)
 
     def loop() -> None:
         while not done.wait(DRAIN_S):

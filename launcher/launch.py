@@ -266,31 +266,35 @@ def _launch(
     """Ray (embedded, already started, or connected): the run's control actor, Ray Train; rank 0's metrics sent to
     MLflow as they come (``tracking.record``); the MLflow run and an embedded Ray closed whatever happens."""
     import ray
+    from ray.util.client import ray as ray_client
 
     from launcher import cluster, console, control
 
     run_id, uri = payload["run_id"], payload["tracking_uri"]
     run_dir, logs = _run_dir(name, run_id), Path(run_path(out / "logs", name, run_id))
     status, kept = "FAILED", list[dict[str, Any]]()  # kept: what the tracker could not send (an outage)
-    tracker = MlflowTracker(uri, run_id, kept.append, lambda line: print(line, flush=True),
-                            cfg.tracking.system_metrics_s)  # fmt: skip
-    here = payload["driver_node"] = ray.get_runtime_context().get_node_id()
+    tracker: MlflowTracker | None = None
     closed = False
     try:
+        tracker = MlflowTracker(uri, run_id, kept.append, lambda line: print(line, flush=True),
+                                cfg.tracking.system_metrics_s)  # fmt: skip
+        # the driver's node: rank 0 on it has its system figures sampled here (a Ray Client driver is on no node)
+        here = None if ray_client.is_connected() else ray.get_runtime_context().get_node_id()
+        payload["driver_node"] = here
         actor = control.create(run_id)
         # after ray.init, which sets its own SIGTERM handler; the console shows what rank 0 reports
         with _graceful_stop(actor) as stop, console.follow(actor, p.world_size, partial(record, tracker, here)):
             result = _fit(cfg, p, storage, run_dir, timings, payload)
         if result.error is not None:
             print(failure_report(str(result.error)), flush=True)
+        elif stop.asked:
+            status = "KILLED"
+            print(f"stopped as asked; resume with run.name={name}", flush=True)
         else:
-            tracker.close()  # the backlog of an outage waited for (30 s), before the status or lr_find's read
+            status = "FINISHED"
+        if status != "FAILED":  # an outage's backlog waited for (30 s; a signal cuts it short, the status stays)
+            tracker.close()
             closed = True
-            if stop.asked:
-                status = "KILLED"
-                print(f"stopped as asked; resume with run.name={name}", flush=True)
-            else:
-                status = "FINISHED"
         if status == "FINISHED" and cfg.action == "lr_find":
             from mlflow.tracking import MlflowClient
 
@@ -300,11 +304,11 @@ def _launch(
         report = f"{type(e).__name__}: {e}"
         print(failure_report(report), flush=True)
     except KeyboardInterrupt:
-        status = "KILLED"
+        status = "KILLED" if status == "FAILED" else status  # training that ended keeps its status
         raise
     finally:
-        if not closed:
-            tracker.close(patience_s=0)  # after a failure, one more try; what is left goes to finish_run
+        if tracker is not None and not closed:
+            tracker.close(patience_s=0)  # after a failure or a signal, one more try; what is left goes to finish_run
         ray_logs = cluster.stop(logs)
         finish_run(uri, run_id, status, kept[0] if kept else None, out / "spool" / f"{run_id}.json")
     if status == "FAILED" and ray_logs is not None:  # the workers' own output is not on the console (run.verbose)

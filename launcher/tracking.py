@@ -93,6 +93,13 @@ def credential_env() -> dict[str, str]:
     return {k: os.environ[k] for k in CREDENTIAL_VARS if k in os.environ}
 
 
+def quick_requests() -> None:
+    """MLflow's requests in this process: no blocking retries, 5 s each (the tracker's backlog, or nothing,
+    retries instead). Its defaults, 7 retries with backoff and 120 s, would hold a run's end for minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+
+
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
@@ -186,8 +193,9 @@ class PostTracker:
             self.system.stop(last=True)
 
 
-def record(tracker: MlflowTracker, node: str, event: dict[str, Any]) -> bool:
-    """On the driver (on ``node``): a ``PostTracker``'s event sent to MLflow; False for any other event."""
+def record(tracker: MlflowTracker, node: str | None, event: dict[str, Any]) -> bool:
+    """On the driver (on ``node``; None: on no node of the cluster, a Ray Client): a ``PostTracker``'s event sent
+    to MLflow; False for any other event."""
     if "metrics" in event:
         tracker.samples_here = event["node"] == node  # rank 0 on this node: its system figures sampled here
         tracker.log_metrics(event["metrics"], event["step"], event["at"])
@@ -217,8 +225,7 @@ class MlflowTracker:
     ) -> None:
         from mlflow.tracking import MlflowClient
 
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # no blocking retries: the backlog retries
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+        quick_requests()  # the backlog retries
         self.client, self.run_id, self.uri = MlflowClient(tracking_uri=uri), run_id, uri
         self.keep, self.say = keep, say
         self.pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
@@ -319,7 +326,8 @@ class MlflowTracker:
             self.say(f"tracking: run {self.run_id}: the server refused the artifact {name} ({_reason(e)}); dropped")
 
     def close(self, patience_s: float = 30.0) -> None:
-        """At the end of training: send the backlog, waiting up to ``patience_s``; else hand it to the driver."""
+        """At the end of training: send the backlog, waiting up to ``patience_s``; else ``keep`` it (for
+        ``finish_run``, which tries once more, then writes it to a spool file)."""
         if self.system is not None:
             self.system.stop(last=self.gone is None)
         deadline = time.monotonic() + patience_s
@@ -524,7 +532,14 @@ def finish_run(uri: str, run_id: str, status: str, backlog: dict[str, Any] | Non
                     )
                 sent = len(metrics) - sum(n for n, _ in rejected.values())
                 print(f"tracking: sent {sent} metric values kept through the outage", flush=True)
-            client.set_terminated(run_id, status)
+            for attempt in range(3):  # the status matters most: a passing outage is waited out (2 s, twice)
+                try:
+                    client.set_terminated(run_id, status)
+                    break
+                except Exception as e:
+                    if attempt == 2 or not _transient(e):
+                        raise
+                    time.sleep(2)
         except Exception as e:
             if not isinstance(e, _RunGone) and not _transient(e):
                 _check_run(client, run_id, e)  # a deleted run refuses its status too: say so

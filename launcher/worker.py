@@ -34,7 +34,7 @@ from launcher.noise import LocalGradNorm, NoiseScale
 from launcher.optim import apply_plan, build_optimizer, build_scheduler
 from launcher.planner import Plan
 from launcher.step import Batch, DDPStep, DeepSpeedStep, StepScalars, evaluate
-from launcher.tracking import NullTracker, PostTracker, SystemMetrics, Tracker
+from launcher.tracking import NullTracker, PostTracker, SystemMetrics, Tracker, quick_requests
 from launcher.trainer import StepFn, Trainer
 from recipes import RECIPES, Recipe
 
@@ -100,6 +100,7 @@ def rank_zero_tracker(cfg: Config, payload: dict[str, Any], link: ConsoleLink) -
     """Rank 0's metrics and records to the driver, which sends them to MLflow; this node's system figures
     sampled here only when the driver runs elsewhere (it samples its own node)."""
     node = ray.get_runtime_context().get_node_id()
+    quick_requests()  # what rank 0 still sends itself (another node's system figures, lr_find's curve files)
     every = cfg.tracking.system_metrics_s
     away = every > 0 and node != payload["driver_node"]
     system = SystemMetrics(payload["tracking_uri"], payload["run_id"], every) if away else None

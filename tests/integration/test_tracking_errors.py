@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launcher.tracking import MlflowTracker, finish_run, record
+from launcher.tracking import MlflowTracker, PostTracker, SystemMetrics, finish_run, record
 from tests.conftest import free_port, start_mlflow_server
 
 BAD_CHARS, TOO_LONG = "bad key!", "k" * 300  # MLflow's server answers 400 INVALID_PARAMETER_VALUE to both
@@ -39,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def _mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a worker and the driver run with (``MlflowTracker``, ``launch.py``), put back after each test."""
+    """What the driver runs with (``tracking.quick_requests``, ``launch.py``), put back after each test."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -158,7 +158,8 @@ def test_rank_zeros_metrics_reach_mlflow_through_the_driver_and_no_worker_import
     server: str, tmp_path: Path
 ) -> None:
     """Rank 0's tracker only posts events (in a fresh interpreter: no MLflow module loaded); the driver's
-    ``record`` sends them with rank 0's step and time, and samples system figures only for its own node."""
+    ``record`` sends them with rank 0's step and time, and samples system figures only for its own node; a
+    rank 0 on another node samples its own."""
     rank_zero = subprocess.run([sys.executable, "-c", RANK_ZERO], capture_output=True, text=True, check=True)
     out = json.loads(rank_zero.stdout)
     assert out["mlflow"] == []
@@ -166,8 +167,13 @@ def test_rank_zeros_metrics_reach_mlflow_through_the_driver_and_no_worker_import
     run_id, said, kept = new_run(server), [], []
     tracker = MlflowTracker(server, run_id, kept.append, said.append, system_metrics_s=0.2)
 
-    def monitors() -> int:
+    def running() -> int:
         return sum(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
+
+    earlier = running()  # any an earlier test left
+
+    def monitors() -> int:
+        return running() - earlier
 
     assert [record(tracker, "node-b", e) for e in events] == [True, True, False]  # rank 0 on another node
     assert monitors() == 0  # that node samples itself
@@ -175,6 +181,16 @@ def test_rank_zeros_metrics_reach_mlflow_through_the_driver_and_no_worker_import
     assert monitors() == 1
     tracker.close()
     assert monitors() == 0 and said == [] and kept == []
+    key = "system/cpu_utilization_percentage"
+    sampled = len(steps(server, run_id, key))
+    away = PostTracker(lambda _event: None, "node-b", SystemMetrics(server, run_id, 0.2))  # rank 0 elsewhere
+    away.log_metrics({"loss": 0.4}, 5)
+    assert monitors() == 1
+    deadline = time.monotonic() + 20
+    while len(steps(server, run_id, key)) <= sampled and time.monotonic() < deadline:
+        time.sleep(0.2)
+    away.close()
+    assert monitors() == 0 and len(steps(server, run_id, key)) > sampled
     client = MlflowClient(tracking_uri=server)
     loss = [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "loss")]
     assert sorted(loss) == [(3, 0.5, events[0]["at"]), (4, 0.5, events[0]["at"])]
