@@ -147,10 +147,12 @@ def follow(actor: Any, world_size: int, record: Callable[[dict[str, Any]], bool]
     else:
         display = Display(world_size, None)
     done, one = threading.Event(), threading.Lock()  # one drain at a time: ``record`` is not thread-safe
+    handled = [0]  # events handled so far: the actor forgets them at the next drain, and only them
 
     def drain() -> None:
         with one:
-            for event in ray.get(actor.take.remote(), timeout=30):
+            for event in ray.get(actor.take.remote(handled[0]), timeout=30):
+                handled[0] += 1  # before: an event that cannot be shown is not taken again and again
                 if not record(event):
                     display.show(event)
 

@@ -24,16 +24,19 @@ class RunControl:
     def __init__(self) -> None:
         self._stop = False
         self._group: dict[str, Any] | None = None  # the worker group training now, or the last one
-        self._events: list[dict[str, Any]] = []  # for the driver's console, oldest first
+        self._events: list[dict[str, Any]] = []  # for the driver, oldest first, from event number ``_first``
+        self._first = 0
 
     def post(self, event: dict[str, Any]) -> None:
         """A line, a log step's progress, metrics or a record for MLflow, or a warning, for the driver."""
         self._events.append(event)
 
-    def take(self) -> list[dict[str, Any]]:
-        """The events posted since the last call (the driver's console drains them)."""
-        events, self._events = self._events, []
-        return events
+    def take(self, done: int) -> list[dict[str, Any]]:
+        """The events after the first ``done`` (those the driver has handled: forgotten now). An answer that
+        never arrives loses nothing: the next call, with the same ``done``, gets its events again."""
+        del self._events[: done - self._first]
+        self._first = max(self._first, done)
+        return list(self._events)
 
     def group_started(self, group: dict[str, Any]) -> dict[str, Any] | None:
         """A worker group (re)started: its world, split and start step in; the previous group's out

@@ -97,3 +97,17 @@ def test_the_plan_is_a_table_on_a_terminal_and_describes_text_elsewhere(
     words = " ".join(lines[lines.index("why:"):]).split()
     for i, reason in enumerate(p.reasons):  # every reason, wrapped under its own number
         assert " ".join(words).find(f"{i + 1}. {' '.join(reason.split())}") >= 0
+
+
+def test_the_actor_forgets_only_the_events_the_driver_has_handled() -> None:
+    """A drain whose answer is lost (a ``ray.get`` timed out) loses no event: rank 0's metrics travel this way."""
+    from launcher.control import RunControl
+
+    actor = RunControl()
+    for i in range(3):
+        actor.post({"line": f"line {i}"})
+    assert [e["line"] for e in actor.take(0)] == ["line 0", "line 1", "line 2"]  # ... and the answer is lost
+    assert [e["line"] for e in actor.take(0)] == ["line 0", "line 1", "line 2"]  # the next drain gets them again
+    actor.post({"line": "line 3"})
+    assert [e["line"] for e in actor.take(3)] == ["line 3"]  # handled ones forgotten, the new one kept
+    assert actor.take(4) == [] and actor.take(4) == []
