@@ -152,7 +152,7 @@ def follow(actor: Any, world_size: int, record: Callable[[dict[str, Any]], bool]
     def drain() -> None:
         with one:
             for event in ray.get(actor.take.remote(handled[0]), timeout=30):
-                handled[0] += 1  # before: an event that cannot be shown is not taken again and again
+                handled[0] += 1  # counted first: an event that fails to show is not taken again
                 if not record(event):
                     display.show(event)
 
