@@ -412,12 +412,6 @@ def _elastic(cfg: Config, planning: Planning, top: Plan, resume: Resume | None) 
     )
 
 
-def _ray_get(ref: Any) -> Any:
-    import ray
-
-    return ray.get(ref, timeout=30)
-
-
 def _tracking_uri(cfg: Config, out: Path) -> str:
     """The tracking URI, checked within seconds; an unreachable server is an error unless not required."""
     from launcher.tracking import check_reachable

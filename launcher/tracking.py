@@ -1,4 +1,4 @@
-"""MLflow tracking, all of it on the driver: it opens the run, logs what rank 0 reports, closes the run.
+"""MLflow tracking on the driver: it opens the run, logs what rank 0 reports, closes the run.
 
 The driver creates the run before any worker starts (so config and plan are recorded even
 if training never begins) and sets its final status. Rank 0's tracker (``PostTracker``) sends each

@@ -348,9 +348,10 @@ def _lr_find(w: Worker, uri: str, run_id: str) -> None:
     if w.rank == 0:  # the curve's files: the one upload a worker makes itself (its MLflow import after the sweep)
         from mlflow.tracking import MlflowClient
 
+        client = MlflowClient(tracking_uri=uri)
         with tempfile.TemporaryDirectory() as tmp:
             for path in lr_find.save_curve(tried, losses, found, Path(tmp)):
-                MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path), "lr_find")
+                client.log_artifact(run_id, str(path), "lr_find")
     summary = {f"lr_find_{k}": v for k, v in found.items() if v is not None} | {"lr_find_steps": len(tried)}
     w.tracker.log_metrics(summary, len(tried))
     w.tracker.log_dict({**found, "steps": len(tried), "global_batch": plan.global_batch}, "lr_find/result.json")

@@ -60,6 +60,11 @@ def new_run(url: str) -> str:
     return str(client.create_run(exp_id).info.run_id)
 
 
+def monitor_threads() -> list[threading.Thread]:
+    """MLflow's system-metrics monitors running in this process."""
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+
+
 def steps(url: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(tracking_uri=url).get_metric_history(run_id, key))
 
@@ -167,13 +172,10 @@ def test_rank_zeros_metrics_reach_mlflow_through_the_driver_and_no_worker_import
     run_id, said, kept = new_run(server), [], []
     tracker = MlflowTracker(server, run_id, kept.append, said.append, system_metrics_s=0.2)
 
-    def running() -> int:
-        return sum(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
-
-    earlier = running()  # any an earlier test left
+    earlier = len(monitor_threads())  # any an earlier test left
 
     def monitors() -> int:
-        return running() - earlier
+        return len(monitor_threads()) - earlier
 
     assert [record(tracker, "node-b", e) for e in events] == [True, True, False]  # rank 0 on another node
     assert monitors() == 0  # that node samples itself
@@ -317,11 +319,8 @@ def test_system_metrics_stop_in_an_outage_and_start_again_after_it(server: str, 
             time.sleep(0.2)
         return found
 
-    def monitors() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
-
     tracker.log_metrics({"loss": 1.0}, 0)  # the first metrics start the monitor
-    assert len(monitors()) == 1 and sampled(2)
+    assert len(monitor_threads()) == 1 and sampled(2)
     gate.shut()
     started = time.perf_counter()
     for step in range(1, 6):
@@ -329,18 +328,18 @@ def test_system_metrics_stop_in_an_outage_and_start_again_after_it(server: str, 
         time.sleep(0.2)
     assert time.perf_counter() - started < 3  # no step waited for the monitor
     deadline = time.monotonic() + 20
-    while monitors() and time.monotonic() < deadline:
+    while monitor_threads() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert monitors() == [] and len(said) == 1 and said[0].startswith(f"tracking: cannot reach {gate.url}")
+    assert monitor_threads() == [] and len(said) == 1 and said[0].startswith(f"tracking: cannot reach {gate.url}")
     before = steps(server, run_id, key)
 
     gate.open()
     assert tracker.flush(wait=True)
     tracker.log_metrics({"loss": 0.1}, 6)
     after = sampled(len(before) + 2)
-    assert len(monitors()) == 1 and after == list(range(len(after))) and len(after) > len(before) + 2
+    assert len(monitor_threads()) == 1 and after == list(range(len(after))) and len(after) > len(before) + 2
     tracker.close()
-    assert monitors() == [] and kept == [] and steps(server, run_id, "loss") == list(range(7))
+    assert monitor_threads() == [] and kept == [] and steps(server, run_id, "loss") == list(range(7))
 
 
 def test_a_forbidden_run_is_left_alone(server: str, gate: Gate) -> None:
